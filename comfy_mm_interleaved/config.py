@@ -1,0 +1,362 @@
+"""Configuration of an MM-Interleaved model: one dataclass per part, serialised to ``config.json``.
+
+``MMInterleavedConfig.official_13b()`` is the released model (Vicuna-13B + CLIP ViT-L/14 + SD-2.1-base);
+``MMInterleavedConfig.from_official_tiny(path)`` reads the golden fixtures' ``tiny_config.json``. Every module
+is built from these objects only, so one code path serves every size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def _build(cls: type, data: dict[str, Any]) -> Any:
+    """Construct dataclass ``cls`` from a dict, recursing into nested dataclass fields; unknown keys are an error."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown config keys {sorted(unknown)}; known keys: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = _build(hint, value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+class _ConfigBase:
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):  # noqa: ANN206
+        return _build(cls, dict(data))
+
+
+@dataclass
+class VisionEncoderConfig(_ConfigBase):
+    """CLIP ViT (transformers ``CLIPVisionConfig`` fields) plus the ViT-Adapter that builds the 4-level pyramid."""
+
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    image_size: int = 224
+    patch_size: int = 14
+    num_channels: int = 3
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    # ViT-Adapter
+    conv_inplane: int = 64
+    deform_num_heads: int = 16
+    n_points: int = 4
+    deform_ratio: float = 0.5
+    cffn_ratio: float = 0.25
+    init_values: float = 0.0
+    interaction_indexes: list[list[int]] = field(default_factory=lambda: [[0, 5], [6, 11], [12, 17], [18, 23]])
+    gradient_checkpointing: bool = False
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass
+class QFormerConfig(_ConfigBase):
+    """A BLIP-2 Q-Former driven by learned queries (``Blip2QFormerConfig`` fields + qk-norm)."""
+
+    num_queries: int = 64
+    hidden_size: int = 768
+    encoder_hidden_size: int = 1024
+    cross_attention_frequency: int = 2
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    layer_norm_eps: float = 1e-12
+    qk_normalization: bool = False
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class VisualTokenizerConfig(_ConfigBase):
+    encoder: VisionEncoderConfig = field(default_factory=VisionEncoderConfig)
+    resampler: QFormerConfig = field(default_factory=lambda: QFormerConfig(num_queries=64, qk_normalization=True))
+
+
+@dataclass
+class MMFSConfig(_ConfigBase):
+    """Hyper-parameters of one family of MMFS attentions (the LLM side or the UNet side)."""
+
+    n_heads: int = 16
+    n_points: int = 8
+    spatial_shapes: list[int] = field(default_factory=lambda: [32, 16, 8])
+    base_spatial_shape: int = 16
+    offset_init_magnitude: float = 3.0
+    max_num_images: int = 50
+    value_dim: int = 1024  # official: int(d_model * ratio)
+
+
+@dataclass
+class LLMConfig(_ConfigBase):
+    """The decoder LLM: transformers ``LlamaConfig`` fields, plus where the MMFS layers go."""
+
+    hidden_size: int = 5120
+    intermediate_size: int = 13824
+    num_hidden_layers: int = 40
+    num_attention_heads: int = 40
+    num_key_value_heads: int | None = None
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    hidden_act: str = "silu"
+    mmfs_every: int = 4  # official ``cross_attention_frequency``: MMFS in layers 0, k, 2k, ...
+    mmfs: MMFSConfig = field(default_factory=MMFSConfig)
+    gradient_checkpointing: bool = False
+
+    def mmfs_layer_indices(self) -> list[int]:
+        return [i for i in range(self.num_hidden_layers) if i % self.mmfs_every == 0]
+
+
+def _sd21_unet() -> dict[str, Any]:
+    return {
+        "sample_size": 64,
+        "in_channels": 4,
+        "out_channels": 4,
+        "center_input_sample": False,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        "block_out_channels": [320, 640, 1280, 1280],
+        "layers_per_block": 2,
+        "downsample_padding": 1,
+        "mid_block_scale_factor": 1,
+        "act_fn": "silu",
+        "norm_num_groups": 32,
+        "norm_eps": 1e-5,
+        "cross_attention_dim": 1024,
+        "attention_head_dim": [5, 10, 20, 20],
+        "use_linear_projection": True,
+        "dual_cross_attention": False,
+        "only_cross_attention": False,
+        "num_class_embeds": None,
+    }
+
+
+def _sd21_vae() -> dict[str, Any]:
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 4,
+        "act_fn": "silu",
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "block_out_channels": [128, 256, 512, 512],
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "sample_size": 768,
+        "scaling_factor": 0.18215,
+    }
+
+
+def _sd21_scheduler() -> dict[str, Any]:
+    """SD-2.1-base's scheduler file as the official code reads it into a DDPMScheduler."""
+    return {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "trained_betas": None,
+        "variance_type": "fixed_small",
+        "clip_sample": False,
+        "prediction_type": "epsilon",
+        "thresholding": False,
+        "timestep_spacing": "leading",
+        "steps_offset": 1,
+    }
+
+
+@dataclass
+class ImageDecoderConfig(_ConfigBase):
+    """Context resampler (77 x D prompt embeddings), diffusers UNet + MMFSNet, VAE and noise scheduler."""
+
+    image_size: int = 512
+    prompt_length: int = 77
+    uncond_prob: float = 0.1
+    resampler: QFormerConfig = field(
+        default_factory=lambda: QFormerConfig(
+            num_queries=77,
+            hidden_size=1024,
+            encoder_hidden_size=5120,
+            cross_attention_frequency=1,
+            num_hidden_layers=1,
+            num_attention_heads=16,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    )
+    unet: dict[str, Any] = field(default_factory=_sd21_unet)
+    vae: dict[str, Any] = field(default_factory=_sd21_vae)
+    scheduler: dict[str, Any] = field(default_factory=_sd21_scheduler)
+    mmfs: MMFSConfig = field(
+        default_factory=lambda: MMFSConfig(
+            n_heads=16,
+            n_points=8,
+            spatial_shapes=[64, 32, 16, 8],
+            base_spatial_shape=64,  # per block: [64, 32, 16, 8][block // 3] // (512 // image_size)
+            offset_init_magnitude=1.0,
+            max_num_images=10,
+            value_dim=1024,  # official MMFSBlock attn_dim (d_model), ratio 1.0
+        )
+    )
+    vae_scale_factor: int = 8
+
+    @property
+    def downsample_factor(self) -> int:
+        return 512 // self.image_size
+
+
+@dataclass
+class SpecialTokens(_ConfigBase):
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 31999
+    boi_token_id: int = 32000  # <|beginofimage|>, "soi" in the official code
+    image_token_id: int = 32001  # <|image|>
+
+
+@dataclass
+class MMInterleavedConfig(_ConfigBase):
+    orig_vocab_size: int = 32000
+    txt_vocab_size: int = 32002
+    num_img_token: int = 64
+    image_embed_dim: int = 1024  # channels of the ViT-Adapter pyramid (= CLIP hidden)
+    encoder_image_size: int = 224
+    special_tokens: SpecialTokens = field(default_factory=SpecialTokens)
+    visual_tokenizer: VisualTokenizerConfig = field(default_factory=VisualTokenizerConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    image_decoder: ImageDecoderConfig = field(default_factory=ImageDecoderConfig)
+    loss_txt_weight: float = 1.0
+    loss_img_weight: float = 10.0
+    dataset_to_ignore_noimage_cond_loss: list[str] = field(default_factory=lambda: ["laion_en", "laion_coco"])
+    # Levels of the 4-level pyramid fed to each MMFS family (LLM: 32/16/8; UNet: all four).
+    llm_mmfs_levels: list[int] = field(default_factory=lambda: [1, 2, 3])
+    unet_mmfs_levels: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+
+    # -------------------------------------------------------------------------------------------------
+    @classmethod
+    def official_13b(cls) -> MMInterleavedConfig:
+        return cls()
+
+    @classmethod
+    def from_official_tiny(cls, tiny_config_json: str | Path) -> MMInterleavedConfig:
+        """Read the golden fixtures' ``tiny_config.json`` (official yaml vocabulary)."""
+        raw = json.loads(Path(tiny_config_json).read_text())
+        model, folders = raw["model"], raw["pretrained_folders"]
+        tok = raw["special_tokens"]
+        clip = folders["clip_vision_config"]
+        llm = folders["llm_config"]
+        vt_q = model["visual_tokenizer_config"]["perceiver_config"]
+        dec = model["image_decoder_config"]
+        dec_q = dec["perceiver_config"]
+        overrides = raw.get("constructor_overrides_not_in_yaml", {})
+        conv_inplane = overrides.get("CLIPVisionTransformerAdapter.conv_inplane", {}).get("tiny", 64)
+        unet_attn_dim = overrides.get("MMFSBlock.attn_dim (UNet-side MMFS d_model)", {}).get("tiny", 1024)
+        hard = raw["hard_coded_in_official_code"]
+        llm_mmfs, unet_mmfs = hard["llm_mmfs"], hard["unet_mmfs"]
+        image_embed_dim = model["image_embed_dim"]
+        sched = {
+            k: v
+            for k, v in raw["resolved_ddpm_scheduler_config"].items()
+            if not k.startswith("_") and k not in ("set_alpha_to_one", "skip_prk_steps")
+        }
+        return cls(
+            orig_vocab_size=tok["orig_txt_vocab_size"],
+            txt_vocab_size=model["txt_vocab_size"],
+            num_img_token=model["num_img_token"],
+            image_embed_dim=image_embed_dim,
+            special_tokens=SpecialTokens(
+                bos_token_id=tok["bos_token_id"],
+                eos_token_id=tok["eos_token_id"],
+                pad_token_id=tok["pad_token_id"],
+                boi_token_id=tok["boi_token_id"],
+                image_token_id=tok["image_token_id"],
+            ),
+            visual_tokenizer=VisualTokenizerConfig(
+                encoder=VisionEncoderConfig(
+                    hidden_size=clip["hidden_size"],
+                    intermediate_size=clip["intermediate_size"],
+                    num_hidden_layers=clip["num_hidden_layers"],
+                    num_attention_heads=clip["num_attention_heads"],
+                    image_size=clip["image_size"],
+                    patch_size=clip["patch_size"],
+                    hidden_act=clip["hidden_act"],
+                    layer_norm_eps=clip["layer_norm_eps"],
+                    conv_inplane=conv_inplane,
+                    deform_num_heads=clip["num_attention_heads"],
+                ),
+                resampler=QFormerConfig(**vt_q),
+            ),
+            llm=LLMConfig(
+                hidden_size=llm["hidden_size"],
+                intermediate_size=llm["intermediate_size"],
+                num_hidden_layers=llm["num_hidden_layers"],
+                num_attention_heads=llm["num_attention_heads"],
+                max_position_embeddings=llm["max_position_embeddings"],
+                rms_norm_eps=llm["rms_norm_eps"],
+                mmfs_every=model["cross_attention_frequency"],
+                mmfs=MMFSConfig(
+                    n_heads=llm_mmfs["n_heads"],
+                    n_points=llm_mmfs["n_points"],
+                    spatial_shapes=list(model["spatial_shapes"]),
+                    base_spatial_shape=llm_mmfs["base_spatial_shape"],
+                    offset_init_magnitude=llm_mmfs["offset_init_magnitude"],
+                    max_num_images=llm_mmfs["max_num_image_per_seq"],
+                    value_dim=image_embed_dim,
+                ),
+            ),
+            image_decoder=ImageDecoderConfig(
+                image_size=dec["image_size"],
+                prompt_length=dec["seq_len"],
+                uncond_prob=dec["uncond_prob"],
+                resampler=QFormerConfig(**dec_q),
+                unet=dict(folders["unet_config"]),
+                vae=dict(folders["vae_config"]),
+                scheduler=sched,
+                mmfs=MMFSConfig(
+                    n_heads=unet_mmfs["n_heads"],
+                    n_points=unet_mmfs["n_points"],
+                    spatial_shapes=list(unet_mmfs["constructor_spatial_shapes"]),
+                    base_spatial_shape=unet_mmfs["constructor_spatial_shapes"][0],
+                    offset_init_magnitude=float(unet_mmfs["offset_init_magnitude"]),
+                    max_num_images=unet_mmfs["max_num_image_per_seq"],
+                    value_dim=unet_attn_dim,
+                ),
+            ),
+            loss_txt_weight=model["loss_txt_weight"],
+            loss_img_weight=model["loss_img_weight"],
+            dataset_to_ignore_noimage_cond_loss=list(model["dataset_to_ignore_noimage_cond_loss"]),
+        )
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> MMInterleavedConfig:
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no config.json at {path}: is this an MM-Interleaved model folder?") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); re-save or re-convert the model") from None
+        return cls.from_dict(data)

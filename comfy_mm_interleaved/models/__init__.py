@@ -1,0 +1,1 @@
+"""Model parts of MM-Interleaved, one file per part."""

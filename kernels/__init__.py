@@ -1,0 +1,1 @@
+"""Triton kernels (importable only as ``comfy_mm_interleaved.kernels``)."""
