@@ -81,7 +81,7 @@ class MMFS(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """The official ``_reset_parameters``: zero offset weights, offsets spread in +-magnitude, xavier projections."""
+        """Official ``_reset_parameters``: zero offset weights, offsets in +-magnitude, xavier projections."""
         nn.init.constant_(self.sampling_offsets.weight, 0.0)
         bias = torch.empty(self.n_heads, 1, self.n_points, 2).uniform_(
             -self.offset_init_magnitude, self.offset_init_magnitude
