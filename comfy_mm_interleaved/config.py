@@ -83,6 +83,7 @@ class QFormerConfig(_ConfigBase):
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
     layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
     qk_normalization: bool = False
     gradient_checkpointing: bool = False
 
