@@ -1,0 +1,175 @@
+"""Command line: ``python -m comfy_mm_interleaved <subcommand> ...`` (also installed as ``mm-interleaved``).
+
+Subcommands live in ``SUBCOMMANDS``. To add one (``generate``, ``train``, ``eval``...), write a function that
+declares its arguments and one that runs it, and register them::
+
+    def _generate_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("model_dir")
+
+    @subcommand("generate", "generate interleaved text and images", _generate_arguments)
+    def _generate(args: argparse.Namespace) -> int:
+        ...  # import heavy modules here, not at the top of this file
+        return 0
+
+User errors (``ValueError`` and subclasses such as ``CheckpointError``, missing files) print one ``error:`` message
+on stderr and exit with status 1, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+PROG = "mm-interleaved"
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {}
+
+
+def subcommand(
+    name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]
+) -> Callable[[Callable[[argparse.Namespace], int | None]], Callable[[argparse.Namespace], int | None]]:
+    """Register ``run(args) -> exit status`` as the subcommand ``name``."""
+
+    def register(run: Callable[[argparse.Namespace], int | None]) -> Callable[[argparse.Namespace], int | None]:
+        if name in SUBCOMMANDS:
+            raise ValueError(f"subcommand {name!r} is registered twice")
+        SUBCOMMANDS[name] = Subcommand(name, help, add_arguments, run)
+        return run
+
+    return register
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# convert-official
+
+
+def _convert_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", type=Path, help="official release folder (pytorch_model-*.bin + index)")
+    parser.add_argument("dst", type=Path, help="new model folder to write")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--config", type=Path, default=None, help="our config.json or a golden tiny_config.json (default: 13B)"
+    )
+    parser.add_argument("--max-shard-gib", type=float, default=4.0, help="largest safetensors file (GiB)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing model folder at DST")
+
+
+@subcommand("convert-official", "convert the official MM-Interleaved release to a model folder", _convert_arguments)
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import convert_official
+
+    if args.max_shard_gib <= 0:
+        raise ValueError(f"--max-shard-gib must be positive, got {args.max_shard_gib}")
+    convert_official(
+        args.src,
+        args.dst,
+        dtype=args.dtype,
+        config=args.config,
+        max_shard_bytes=int(args.max_shard_gib * 2**30),
+        overwrite=args.overwrite,
+        log=lambda message: print(message, file=sys.stderr),
+    )
+    print(args.dst)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# info
+
+
+def _info_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", type=Path, help="a model folder (config.json + weights_index.json)")
+
+
+def _config_summary(config) -> list[str]:  # noqa: ANN001 (MMInterleavedConfig, imported lazily)
+    llm, vit = config.llm, config.visual_tokenizer.encoder
+    dec = config.image_decoder
+    return [
+        f"LLM: {llm.num_hidden_layers} layers, hidden {llm.hidden_size}, {llm.num_attention_heads} heads, "
+        f"FFN {llm.intermediate_size}, MMFS in layers {llm.mmfs_layer_indices()}",
+        f"vocabulary: {config.txt_vocab_size} ({config.orig_vocab_size} text + BOI + image token), "
+        f"{config.num_img_token} visual tokens per image",
+        f"vision: CLIP ViT {vit.num_hidden_layers} layers, hidden {vit.hidden_size}, patch {vit.patch_size}, "
+        f"{vit.image_size} px; pyramid channels {config.image_embed_dim}",
+        f"image decoder: {dec.image_size} px, UNet channels {dec.unet.get('block_out_channels')}, "
+        f"prompt {dec.prompt_length} x {dec.resampler.hidden_size}",
+    ]
+
+
+@subcommand("info", "summarise a model folder: config, parameters per component, dtypes, size", _info_arguments)
+def _info(args: argparse.Namespace) -> int:
+    from .checkpoint import COMPONENTS, human_bytes, read_config, read_index, read_tensor_specs
+
+    config, fmt = read_config(args.model_dir)
+    index = read_index(args.model_dir)
+    specs = read_tensor_specs(args.model_dir)
+    on_disk = {name: (args.model_dir / name).stat().st_size for name in index["files"]}
+    total_disk = sum(on_disk.values())
+    print(f"model folder: {args.model_dir}")
+    print(f"format: {fmt['name']} v{fmt['version']}, stored dtype {fmt['dtype']}, {human_bytes(total_disk)} on disk")
+    for line in _config_summary(config):
+        print(f"  {line}")
+    header = f"{'component':<18}{'tensors':>9}{'parameters':>15}{'files':>7}{'on disk':>13}  dtypes"
+    print(header)
+    print("-" * len(header))
+    for component in COMPONENTS:
+        entry = index["components"].get(component)
+        if entry is None:
+            continue
+        keys = [k for k, f in index["weight_map"].items() if f in set(entry["files"])]
+        elements = sum(_numel(specs[k][0]) for k in keys)
+        dtypes = Counter(str(specs[k][1]).removeprefix("torch.") for k in keys)
+        size = sum(on_disk[f] for f in entry["files"])
+        dtype_text = ", ".join(f"{name} x{count}" for name, count in dtypes.most_common())
+        print(
+            f"{component:<18}{len(keys):>9}{elements:>15,}{len(entry['files']):>7}{human_bytes(size):>13}  {dtype_text}"
+        )
+    total_elements = sum(_numel(shape) for shape, _ in specs.values())
+    print(f"{'total':<18}{len(specs):>9}{total_elements:>15,}{len(on_disk):>7}{human_bytes(total_disk):>13}")
+    return 0
+
+
+def _numel(shape: Sequence[int]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="MM-Interleaved: checkpoints, generation, training.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in SUBCOMMANDS.values():
+        sub = commands.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(sub)
+        sub.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m comfy_mm_interleaved`` and of the ``mm-interleaved`` script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+        print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
