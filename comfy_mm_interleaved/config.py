@@ -221,6 +221,8 @@ class ImageDecoderConfig(_ConfigBase):
         )
     )
     vae_scale_factor: int = 8
+    vae_encode_batch_size: int = 32  # official ``vae_encode_mini_bs``: frozen-VAE encode in chunks of this many
+    gradient_checkpointing: bool = False  # UNet blocks and MMFSNet blocks (official training: on)
 
     @property
     def downsample_factor(self) -> int:
