@@ -61,6 +61,7 @@ class VisionEncoderConfig(_ConfigBase):
     cffn_ratio: float = 0.25
     init_values: float = 0.0
     interaction_indexes: list[list[int]] = field(default_factory=lambda: [[0, 5], [6, 11], [12, 17], [18, 23]])
+    n_extra_extractors: int = 2  # extra extractors on the last interaction block
     gradient_checkpointing: bool = False
 
     @property
@@ -123,6 +124,7 @@ class LLMConfig(_ConfigBase):
     mmfs_every: int = 4  # official ``cross_attention_frequency``: MMFS in layers 0, k, 2k, ...
     mmfs: MMFSConfig = field(default_factory=MMFSConfig)
     gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"  # transformers attention backend ("eager" is the official maths)
 
     def mmfs_layer_indices(self) -> list[int]:
         return [i for i in range(self.num_hidden_layers) if i % self.mmfs_every == 0]
