@@ -13,7 +13,6 @@ own grid, shared by every level of the sampled features; offsets are normalised 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -105,21 +104,15 @@ class MSDeformAttn(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Deformable-DETR init: offsets start on rays in n_heads directions at distances 1..n_points."""
-        nn.init.zeros_(self.sampling_offsets.weight)
-        angles = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
-        directions = torch.stack([angles.cos(), angles.sin()], -1)
-        directions = directions / directions.abs().max(-1, keepdim=True).values  # [M, 2], max-norm 1
-        distances = torch.arange(1, self.n_points + 1, dtype=torch.float32)
-        bias = directions[:, None, None, :] * distances[None, None, :, None]  # [M, 1, P, 2]
-        with torch.no_grad():
-            self.sampling_offsets.bias.copy_(bias.expand(-1, self.n_levels, -1, -1).reshape(-1))
-        nn.init.zeros_(self.attention_weights.weight)
-        nn.init.zeros_(self.attention_weights.bias)
-        nn.init.xavier_uniform_(self.value_proj.weight)
-        nn.init.zeros_(self.value_proj.bias)
-        nn.init.xavier_uniform_(self.output_proj.weight)
-        nn.init.zeros_(self.output_proj.bias)
+        """The official model's effective init: zero offsets (all points start on the reference point; the
+        Deformable-DETR ray init of the offset bias is wiped by the official transformers ``post_init``, which
+        zeroes every Linear bias of the adapter), uniform attention, Xavier value / output projections."""
+        for layer in (self.sampling_offsets, self.attention_weights):
+            nn.init.zeros_(layer.weight)
+        for layer in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(layer.weight)
+        for layer in (self.sampling_offsets, self.attention_weights, self.value_proj, self.output_proj):
+            nn.init.zeros_(layer.bias)
 
     def forward(
         self,
