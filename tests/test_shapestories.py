@@ -94,6 +94,9 @@ def test_document_texts_follow_the_rules() -> None:
         kinds = [isinstance(s, str) for s in document.segments]
         assert all(a != b for a, b in zip(kinds, kinds[1:]))
         assert len(document.changes) == (len(document.images) - 1 if document.kind == "story" else 0)
+    words = {w for d in documents for s in d.segments if isinstance(s, str) for w in re.sub(r"[.?]", " ", s).split()}
+    assert words == set(gen.WORDS)
+    assert len(gen.WORDS) == 31  # a at it to is, 2 sizes, 6 colours, 3 shapes, 6 grid words, 5 verbs, 4 question words
     story = gen.Document(
         "story",
         (attrs(), "a small red circle at top left. it turns blue.", attrs(colour="blue")),

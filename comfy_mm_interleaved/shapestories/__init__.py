@@ -10,6 +10,7 @@
 
 from .generate import (
     KINDS,
+    WORDS,
     Change,
     Document,
     caption,
@@ -34,6 +35,7 @@ from .score import (
 
 __all__ = [
     "KINDS",
+    "WORDS",
     "Attributes",
     "Change",
     "Document",

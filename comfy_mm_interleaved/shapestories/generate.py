@@ -20,7 +20,9 @@ Documents (``<image>`` marks an image):
 A document is a tuple of segments, each a text string or the :class:`Attributes` of an image; adjacent sentences
 share one text segment. Document ``i`` of a stream or split is drawn from its own generator
 ``numpy.random.default_rng([seed, ...])``, so any document can be reproduced on its own and the splits, each
-from its own seed, never share a document.
+from its own seed, never share a document: the endless :func:`training_stream` (``TRAIN_SEED``) and the fixed
+``"validation"`` (64 per kind) and ``"test"`` (256 per kind) sets of :func:`fixed_split`. :func:`write_split`
+stores a split as PNGs plus a JSONL in the project's interleaved form.
 """
 
 from __future__ import annotations
@@ -48,9 +50,18 @@ from .rules import (
 )
 
 KINDS: tuple[str, ...] = ("caption", "generation", "story", "question")
-QUESTION_TOPICS: tuple[str, ...] = ("colour", "shape", "position")
 QUESTIONS: dict[str, str] = {"colour": "what colour is it?", "shape": "what shape is it?", "position": "where is it?"}
+QUESTION_TOPICS: tuple[str, ...] = tuple(QUESTIONS)
 IMAGE_MARK = "<image>"
+PUNCTUATION: tuple[str, ...] = (".", "?")
+# Every word a document can contain (punctuation split off): the whole vocabulary of a word-level tokenizer.
+WORDS: tuple[str, ...] = tuple(
+    sorted(
+        {"a", "at", "it", "turns", "moves", "to", "becomes", "grows", "shrinks"}
+        | {word for question in QUESTIONS.values() for word in question.rstrip("?").split()}
+        | set(SIZES + COLOURS + SHAPES + ROWS + COLUMNS)
+    )
+)
 
 TRAIN_SEED = 1
 SPLIT_SEEDS: dict[str, int] = {"validation": 2, "test": 3}

@@ -80,8 +80,26 @@ def shape_contains(shape: str, x: np.ndarray, y: np.ndarray, cx: float, cy: floa
     raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPES)}")
 
 
+class Labelled:
+    """The four scored labels of anything with ``shape``, ``colour``, ``size``, ``row`` and ``column`` fields."""
+
+    shape: str
+    colour: str
+    size: str
+    row: str
+    column: str
+
+    @property
+    def position(self) -> str:
+        return f"{self.row} {self.column}"
+
+    def labels(self) -> dict[str, str]:
+        """The four scored attributes: colour, shape, size, position."""
+        return {"colour": self.colour, "shape": self.shape, "size": self.size, "position": self.position}
+
+
 @dataclass(frozen=True)
-class Attributes:
+class Attributes(Labelled):
     """Everything that fixes one ShapeStories image: the four labels plus the exact radius and jitter."""
 
     shape: str
@@ -105,17 +123,9 @@ class Attributes:
             raise ValueError(f"jitter must be a pair (dx, dy) with |dx|, |dy| <= {MAX_JITTER}, got {self.jitter}")
 
     @property
-    def position(self) -> str:
-        return f"{self.row} {self.column}"
-
-    @property
     def centre(self) -> tuple[float, float]:
         """(cx, cy) as fractions of the image side."""
         return COLUMN_CENTRES[self.column] + self.jitter[0], ROW_CENTRES[self.row] + self.jitter[1]
-
-    def labels(self) -> dict[str, str]:
-        """The four scored attributes: colour, shape, size, position."""
-        return {"colour": self.colour, "shape": self.shape, "size": self.size, "position": self.position}
 
     def to_dict(self) -> dict[str, object]:
         return {

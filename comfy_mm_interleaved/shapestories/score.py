@@ -13,7 +13,7 @@ Reading an image (the rules of SHAPESTORIES.md):
   4x, box-filtered, and a pixel is in where its coverage would lift the read colour's largest channel over 80.
   The box is the blob's pixel box grown by ``BOX_MARGIN_PIXELS`` (0.15 px) on every side, because the
   thresholded raster of a curved or pointed edge stops short of the true edge; without this margin small
-  circles read as squares at 32 px (97 % instead of 99.9 % of ground-truth renders read right);
+  circles read as squares at 32 px (97 % instead of 99.8 % of ground-truth renders read right);
 - size = ``small`` if the blob covers less than the midpoint between the expected areas of the small and large
   ranges for the read shape (area = k r^2 with the shape's own k, r uniform in the range), else ``large``.
 
@@ -53,6 +53,7 @@ from .rules import (
     SHAPES,
     SIZES,
     Attributes,
+    Labelled,
     expected_area,
 )
 
@@ -120,7 +121,7 @@ def _fitted_shape(shape: str, x: np.ndarray, y: np.ndarray, box: tuple[float, fl
 
 
 @dataclass(frozen=True)
-class Reading:
+class Reading(Labelled):
     """The attributes read from one image, with the measurements behind them (fractions of the side)."""
 
     colour: str
@@ -132,13 +133,6 @@ class Reading:
     centroid: tuple[float, float]
     box: tuple[float, float, float, float]
     shape_iou: dict[str, float]
-
-    @property
-    def position(self) -> str:
-        return f"{self.row} {self.column}"
-
-    def labels(self) -> dict[str, str]:
-        return {"colour": self.colour, "shape": self.shape, "size": self.size, "position": self.position}
 
 
 def read_image(image: ImageLike) -> Reading | None:
