@@ -562,18 +562,27 @@ def check_tensor_specs(
 # Building the model without materialising its weights
 
 
-def build_empty_model(config: MMInterleavedConfig) -> torch.nn.Module:
+_IMAGE_DECODER_COMPONENTS = frozenset({"image_decoder", "unet", "unet_mmfs", "vae"})
+
+
+def build_empty_model(config: MMInterleavedConfig, components: Iterable[str] | None = None) -> torch.nn.Module:
     """``MMInterleaved(config)`` with parameters on the meta device and real (CPU) buffers.
 
     Buffers stay real so that non-persistent ones (computed in ``__init__``, absent from the checkpoint) keep their
-    values; parameters cost no memory until weights are assigned.
+    values; parameters cost no memory until weights are assigned. With ``components``, the visual tokenizer and the
+    image decoder are left out of the model when none of their components is listed.
     """
     from accelerate import init_empty_weights
 
     from .models.mm_interleaved import MMInterleaved
 
+    chosen = set(parse_components(components))
     with init_empty_weights(include_buffers=False):
-        return MMInterleaved(config)
+        return MMInterleaved(
+            config,
+            with_visual_tokenizer="visual_tokenizer" in chosen,
+            with_image_decoder=bool(chosen & _IMAGE_DECODER_COMPONENTS),
+        )
 
 
 def expected_tensor_specs(config: MMInterleavedConfig) -> dict[str, TensorSpec]:
@@ -591,23 +600,31 @@ def from_pretrained(
 
     ``dtype`` (float32 / bfloat16 / float16) applies to every floating parameter and persistent buffer; integer
     buffers stay integer and non-persistent buffers keep the dtype the model computed them in. ``device`` is one
-    device or a ``{component: device}`` map. With ``components`` only those parts are loaded; the other
-    parameters stay on the meta device (useful to load e.g. only the LLM).
+    device or a ``{component: device}`` map. With ``components`` only those parts are loaded: the visual tokenizer
+    and the image decoder are left out of the model when none of their components is listed (e.g. a text-only
+    model from ``["llm", "text_decoder", "connector"]``); other unlisted parameters stay on the meta device.
     """
     folder = Path(folder)
     config, _ = read_config(folder)
     chosen = parse_components(components)
     target = parse_dtype(dtype)
-    model = build_empty_model(config)
+    model = build_empty_model(config, chosen)
     expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items() if component_of(k) in set(chosen)}
     actual = {k: shape for k, (shape, _) in read_tensor_specs(folder, chosen).items()}
     check_tensor_specs(actual, expected, f"model folder {folder}", f"the weights do not fit config.json; {_RECONVERT}")
     state_dict = load_state_dict_from_folder(folder, chosen, dtype=target, device=device)
     model.load_state_dict(state_dict, strict=components is None, assign=True)
-    persistent = set(state_dict)
-    for module_name, module in model.named_modules():
-        for name, buffer in list(module._buffers.items()):
-            full = f"{module_name}.{name}" if module_name else name
-            if buffer is not None and full not in persistent and component_of(full) in set(chosen):
-                module._buffers[name] = buffer.to(device_for(component_of(full), device))
+    _move_non_persistent_buffers(model, chosen, device)
     return model.eval()
+
+
+def _move_non_persistent_buffers(model: torch.nn.Module, components: tuple[str, ...], device: DeviceMap) -> None:
+    """Buffers absent from the state dict (computed in ``__init__``) follow their component's device."""
+    persistent = set(model.state_dict())
+    for full_name, buffer in list(model.named_buffers()):
+        if full_name in persistent or not full_name.startswith(tuple(p for p, c in _ROUTES if c in components)):
+            continue
+        module_name, _, name = full_name.rpartition(".")
+        model.get_submodule(module_name).register_buffer(
+            name, buffer.to(device_for(component_of(full_name), device)), persistent=False
+        )

@@ -245,3 +245,33 @@ def test_long_lists_are_truncated(reference):
         check_tensor_specs({}, expected, "empty", "fix")
     assert f"{len(reference)} missing tensor(s)" in str(info.value)
     assert f"(+{len(reference) - 12} more)" in str(info.value)
+
+
+def test_from_pretrained_lists_what_does_not_fit(tmp_path, reference, tiny_config):
+    broken = dict(reference)
+    misshaped = "context_feat_proj.bias"
+    missing = next(k for k in sorted(broken) if k != misshaped)
+    del broken[missing]
+    broken["mm_decoder.extra.weight"] = torch.zeros(2)
+    size = reference[misshaped].shape[0]
+    broken[misshaped] = torch.zeros(size + 1)
+    folder = save_pretrained(broken, tmp_path / "model", config=tiny_config)
+    with pytest.raises(CheckpointError) as info:
+        from_pretrained(folder)
+    message = str(info.value)
+    assert f"model folder {folder} does not match the model built from the config" in message
+    assert f"1 missing tensor(s): {missing}" in message
+    assert "1 unexpected tensor(s): mm_decoder.extra.weight" in message
+    assert f"{misshaped} [{size + 1}] (expected [{size}])" in message
+    assert "re-convert" in message
+
+
+def test_save_pretrained_of_a_module(tmp_path, reference, tiny_config):
+    model = from_pretrained(save_pretrained(reference, tmp_path / "a", config=tiny_config), dtype="bfloat16")
+    folder = save_pretrained(model, tmp_path / "b", max_shard_bytes=50_000)  # the config comes from the model
+    assert read_config(folder)[0].to_dict() == tiny_config.to_dict()
+    assert read_index(folder)["dtype"] == "bfloat16"
+    again = from_pretrained(folder, dtype="bfloat16").state_dict()
+    for key, tensor in reference.items():
+        expected = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
+        assert again[key].dtype == expected.dtype and torch.equal(again[key], expected), key
