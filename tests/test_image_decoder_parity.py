@@ -11,14 +11,16 @@ import torch
 from safetensors.torch import load_file
 
 from comfy_mm_interleaved.config import MMInterleavedConfig
-from comfy_mm_interleaved.models.diffusion import DiffusionDraws, build_scheduler, initial_latents
+from comfy_mm_interleaved.models.diffusion import DiffusionDraws, DiffusionStep, build_scheduler, initial_latents
 from comfy_mm_interleaved.models.image_decoder import ImageDecoder
 from comfy_mm_interleaved.models.posembed import sincos_2d
+from comfy_mm_interleaved.models.visual_tokenizer import VisualTokenizer
 
-from .conftest import REPO_ROOT, assert_close, load_case
+from .conftest import REPO_ROOT, assert_close, golden_dir, load_case
 
 ATOL = 1e-4
 PREFIX = "image_decoder."
+REFERENCE_DIR = REPO_ROOT.parent / "shared" / "reference"
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +213,45 @@ def test_image_decoder_generator_draws_parity(decoder: ImageDecoder, generate_ca
         assert_close(noise, case[f"image.step{i}.variance_noise"], 0.0, f"step{i} variance noise")
 
 
+def test_image_decoder_sample_parity(
+    decoder: ImageDecoder, tiny_config: MMInterleavedConfig, golden: Path, generate_case
+) -> None:
+    """The whole sampler with the recorded draws injected: per-step CFG predictions, latents and the final image.
+    The MMFS source (image A) is encoded by the visual tokenizer, which has its own parity tests."""
+    case = generate_case
+    state = load_file(str(golden / "tiny_official_state_dict.safetensors"))
+    tokenizer = VisualTokenizer(tiny_config).eval()
+    vt_prefix = "visual_tokenizer."
+    tokenizer.load_state_dict({k.removeprefix(vt_prefix): v for k, v in state.items() if k.startswith(vt_prefix)})
+    steps = len(generate_steps(case))
+    with torch.no_grad():
+        pyramid = tokenizer(case["image.in.image_tensors_uint8"].float() / 255).multiscale_features
+        prompt = decoder.prompt_embeds(case["image.context_features"], case["image.context_attention_mask"])
+    records: list[DiffusionStep] = []
+    image = decoder.sample(
+        prompt,
+        [pyramid[level] for level in tiny_config.unet_mmfs_levels],
+        case["image.mmfs_mask"],
+        num_inference_steps=steps,
+        guidance_scale=generate_guidance(case),
+        init_latents=case["image.init_latents"],
+        variance_noises=[case[f"image.step{i}.variance_noise"] for i in range(steps)],
+        callback=records.append,
+    )
+    assert [r.timestep for r in records] == generate_steps(case)
+    for i, record in enumerate(records):
+        for field, name in [
+            ("latents_in", "latents_in"),
+            ("noise_pred_uncond", "noise_pred_uncond"),
+            ("noise_pred_cond", "noise_pred_text"),
+            ("noise_pred", "noise_pred_guided"),
+            ("latents_out", "latents_out"),
+        ]:
+            assert_close(getattr(record, field), case[f"image.step{i}.{name}"], ATOL, f"step{i}.{name}")
+    assert_close(records[-1].latents_out, case["image.final_latents"], ATOL, "final latents")
+    assert_close(image, case["image.out.image"], ATOL, "image.out.image")
+
+
 def test_image_decoder_vae_decode_parity(decoder: ImageDecoder, generate_case) -> None:
     with torch.no_grad():
         image = decoder.decoder.decode(generate_case["image.final_latents"])
@@ -219,7 +260,10 @@ def test_image_decoder_vae_decode_parity(decoder: ImageDecoder, generate_case) -
 
 # --------------------------------------------------------------------------------------------------------------
 def test_image_decoder_official_13b_meta_keys_parity() -> None:
-    reference = json.loads((REPO_ROOT.parent / "shared" / "reference" / "official_state_dict_keys.json").read_text())
+    candidates = [path / "official_state_dict_keys.json" for path in (golden_dir().parent / "reference", REFERENCE_DIR)]
+    found = [path for path in candidates if path.exists()]
+    assert found, f"official_state_dict_keys.json not found in {[str(p) for p in candidates]}"
+    reference = json.loads(found[0].read_text())
     expected = {
         k.removeprefix(PREFIX): (tuple(shape), dtype) for k, (shape, dtype) in reference.items() if k.startswith(PREFIX)
     }
