@@ -177,7 +177,7 @@ def test_sample_seeded_equals_injected_draws(model: ImageDecoder) -> None:
 
 
 def test_sample_guidance_one_runs_conditional_branch_only(model: ImageDecoder) -> None:
-    embeds, init = prompt(model, 1), None
+    embeds = prompt(model, 1)
     latent = (1, *model.decoder.latent_shape(model.config.image_size, model.config.image_size))
     init = torch.randn(latent, generator=torch.Generator().manual_seed(12))
     noises = [torch.zeros(latent)]
