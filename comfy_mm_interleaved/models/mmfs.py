@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import ms_deform_attn
+from ..ops.backend import mmfs_fused_enabled
+from ..ops.mmfs_fused import mmfs_fused_sampling
 
 MASKED_LOGIT = -10000.0
 
@@ -101,6 +103,33 @@ class MMFS(nn.Module):
         n, n_img, s, _ = features.shape
         return self.value_proj(features).view(n, n_img * s, self.n_heads, self.head_dim)
 
+    def sampling_factors(
+        self, query: torch.Tensor, visible: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Recency index and the per-token / per-recency parts of the offsets and logits (see the module doc).
+
+        query [N, Lq, d_query]; visible [N, Lq, n_img] (0/1). Returns recency [N, Lq, n_img] (long),
+        off_token [N, Lq, H*P*2], off_table [R, H*P*2], att_token [N, Lq, H*L*(P+1)], att_table [R, H*L*(P+1)]
+        (R = max_num_images), in the query's dtype, before the image mask.
+        """
+        recency = image_recency_index(visible)  # [N, Lq, n_img]
+        if int(recency.max()) >= self.max_num_images if recency.numel() else False:
+            raise ValueError(
+                f"MMFS sees {int(recency.max())} images but was built for at most {self.max_num_images - 1}; "
+                "shorten the document or drop earlier images"
+            )
+        base_query = F.linear(query, self.dynamic_offset_mask.weight, self.dynamic_offset_mask.bias)
+        off_token = self.sampling_offsets(base_query)
+        off_table = F.linear(self.query_relpos.weight, self.sampling_offsets.weight)
+        att_token = self.attention_weights(base_query)
+        att_table = F.linear(self.query_relpos.weight, self.attention_weights.weight)
+        return recency, off_token, off_table, att_token, att_table
+
+    def level_normaliser(self, spatial_shapes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """spatial_shapes [n_img * L, 2] (H, W) -> [n_img, L, 2]: (W, H) / (s_l / base), the offset divisor."""
+        shapes = spatial_shapes.to(dtype).view(-1, self.n_levels, 2)
+        return torch.stack([shapes[..., 1], shapes[..., 0]], -1) / self.scale_ratios.to(dtype)[:, None]
+
     def sampling_plan(
         self,
         query: torch.Tensor,
@@ -119,21 +148,11 @@ class MMFS(nn.Module):
         heads, levels, points = self.n_heads, self.n_levels, self.n_points
         compute_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
 
-        recency = image_recency_index(visible)  # [N, Lq, n_img]
-        if int(recency.max()) >= self.max_num_images if recency.numel() else False:
-            raise ValueError(
-                f"MMFS sees {int(recency.max())} images but was built for at most {self.max_num_images - 1}; "
-                "shorten the document or drop earlier images"
-            )
-        base_query = F.linear(query, self.dynamic_offset_mask.weight, self.dynamic_offset_mask.bias)
-        # per-token parts [N, Lq, 1, *] and per-recency tables [R, *]
-        off_token = self.sampling_offsets(base_query).unsqueeze(2)
-        off_table = F.linear(self.query_relpos.weight, self.sampling_offsets.weight)
-        att_token = self.attention_weights(base_query).unsqueeze(2)
-        att_table = F.linear(self.query_relpos.weight, self.attention_weights.weight)
-
-        offsets = (off_token + off_table[recency]).view(n, lq, n_img, heads, points, 2).to(compute_dtype)
-        logits = (att_token + att_table[recency]).view(n, lq, n_img, heads, levels, points + 1)
+        # per-token parts [N, Lq, 1, *] plus per-recency table rows
+        recency, off_token, off_table, att_token, att_table = self.sampling_factors(query, visible)
+        offsets = off_token.unsqueeze(2) + off_table[recency]
+        offsets = offsets.view(n, lq, n_img, heads, points, 2).to(compute_dtype)
+        logits = (att_token.unsqueeze(2) + att_table[recency]).view(n, lq, n_img, heads, levels, points + 1)
         logits = logits[..., :points].to(compute_dtype)
         logits = logits + (1.0 - visible.to(compute_dtype))[..., None, None, None] * MASKED_LOGIT
 
@@ -141,12 +160,11 @@ class MMFS(nn.Module):
         flat = logits.permute(0, 1, 3, 2, 4, 5).reshape(n, lq, heads, n_img * levels * points)
         flat = torch.cat([flat, flat.new_zeros(n, lq, heads, 1)], dim=-1)
         probs = flat.softmax(-1)
-        weights = probs[..., :-1].reshape(n, lq, heads, n_img * levels, points)
+        weights = probs[..., :-1].reshape(n, lq, heads, n_img * levels, points).contiguous()
         null_weight = probs[..., -1]
 
         # locations: ref + offset * (s_l / base) / (W, H), offsets shared over levels
-        shapes = spatial_shapes.to(compute_dtype).view(n_img, levels, 2)  # (H, W)
-        normaliser = torch.stack([shapes[..., 1], shapes[..., 0]], -1) / self.scale_ratios.to(compute_dtype)[:, None]
+        normaliser = self.level_normaliser(spatial_shapes, compute_dtype)  # [n_img, L, 2]
         offsets = offsets.permute(0, 1, 3, 2, 4, 5)  # [N, Lq, H, n_img, P, 2]
         loc = reference_points.to(compute_dtype)[:, :, 0][:, :, None, None, None, None, :] + (
             offsets[:, :, :, :, None] / normaliser[None, None, None, :, :, None, :]
@@ -178,8 +196,13 @@ class MMFS(nn.Module):
         elif visible.shape[1] != lq:
             visible = visible[:, -1:, :].expand(n, lq, visible.shape[-1])
         visible = (visible > 0).to(query.dtype)
-        loc, weights, null_weight = self.sampling_plan(query, reference_points, spatial_shapes, visible)
-        sampled = ms_deform_attn(values, spatial_shapes, level_start_index, loc, weights)  # [N, Lq, H*dh]
+        if mmfs_fused_enabled(values.device):  # one Triton kernel: no [N, Lq, H, n_img*L, P] tensors
+            sampled, null_weight = mmfs_fused_sampling(
+                self, query, reference_points, values, spatial_shapes, level_start_index, visible
+            )
+        else:
+            loc, weights, null_weight = self.sampling_plan(query, reference_points, spatial_shapes, visible)
+            sampled = ms_deform_attn(values, spatial_shapes, level_start_index, loc, weights)  # [N, Lq, H*dh]
         null = null_weight.to(sampled.dtype)[..., None] * self.ignore_token.view(1, 1, self.n_heads, self.head_dim)
         out = sampled + null.reshape(n, lq, self.value_dim).to(sampled.dtype)
         return self.output_proj(out.to(query.dtype))
