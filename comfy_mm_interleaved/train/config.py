@@ -1,0 +1,138 @@
+"""Training configuration: one YAML/JSON file plus ``dotted.key=value`` command-line overrides.
+
+Sections: ``model`` (what to train and from where), ``optim`` (AdamW, parameter groups, schedule), ``train``
+(steps, precision, accumulation, logging, checkpoints), ``data`` (sources and packing, see ``stream.py``) and
+``eval`` (held-out loss data and hooks). Unknown keys are an error, so a typo never passes silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .params import OFFICIAL_RULES, ParamRule
+from .stream import StreamConfig
+
+
+@dataclass
+class ModelSection:
+    config: str | None = None  # MMInterleavedConfig JSON, "official_13b", or "tiny:<golden tiny_config.json>"
+    init_from: str | None = None  # checkpoint folder in our format (also one converted from the official release)
+    factory: str | None = None  # "module:function" returning an nn.Module from the TrainConfig (custom models)
+    tokenizer: str | None = None  # local tokenizer folder (Vicuna for the real model)
+    tokenizer_words: list[str] | None = None  # or: build a word-level tokenizer in-process from these words
+    freeze: str = "official"  # "official" (§3.3) or "none"
+    freeze_extra: list[str] = field(default_factory=list)  # more name substrings to freeze
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.995])
+    eps: float = 1e-6
+    rules: list[ParamRule] = field(default_factory=lambda: list(OFFICIAL_RULES))
+    max_grad_norm: float | None = 1.0  # None: no clipping
+    schedule: str = "cosine"  # "cosine" or "constant" (both after linear warm-up)
+    warmup_steps: int = 1000
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class TrainSection:
+    output_dir: str = "output/train"
+    max_steps: int = 15000
+    grad_accum: int = 1
+    mixed_precision: str = "no"  # "no", "bf16", "fp16" (an accelerate config may set it too)
+    seed: int = 32
+    log_every: int = 10
+    save_every: int = 1000
+    eval_every: int = 1000
+    keep_last: int = 5
+    resume: str = "auto"  # "auto" (latest valid checkpoint in output_dir), "none", or a checkpoint folder
+    verify_checksums: bool = True
+    num_workers: int = 0
+    progress_bar: bool = True
+    tensorboard: bool = True
+    cpu: bool = False
+
+
+@dataclass
+class EvalSection:
+    data: StreamConfig | None = None  # held-out data for an evaluation loss
+    max_batches: int = 8
+    seed: int = 1234  # the model's random draws (noise, timesteps) during evaluation
+    hooks: list[str] = field(default_factory=list)  # "module:function"(model, batches, step, accelerator) -> dict
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    data: StreamConfig = field(default_factory=StreamConfig)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    @classmethod
+    def load(cls, path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+        raw: dict[str, Any] = {}
+        if path is not None:
+            text = Path(path).read_text()
+            raw = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text) or {}
+        for item in overrides or []:
+            apply_override(raw, item)
+        return build_dataclass(cls, raw, "config")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """``a.b.c=value`` (value parsed as YAML: numbers, booleans, lists, null) into the nested dict ``raw``."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like section.key=value")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {item!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def build_dataclass(cls: type, data: Any, where: str) -> Any:
+    """Build ``cls`` from nested dicts, recursing into dataclass, ``list[dataclass]`` and optional fields."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping for {cls.__name__}, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; known keys: {sorted(names)}")
+    return cls(**{k: convert(hints[k], v, f"{where}.{k}") for k, v in data.items()})
+
+
+def convert(hint: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if value is None:
+        return None
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        dataclass_args = [a for a in inner if dataclasses.is_dataclass(a)]
+        return convert(dataclass_args[0], value, where) if dataclass_args and isinstance(value, dict) else value
+    if dataclasses.is_dataclass(hint):
+        return build_dataclass(hint, value, where)
+    if origin is list and args and dataclasses.is_dataclass(args[0]):
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        return [convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
