@@ -150,6 +150,23 @@ def _numel(shape: Sequence[int]) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# train (comfy_mm_interleaved/train/cli.py; light imports until it runs)
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    from .train.cli import add_arguments
+
+    add_arguments(parser)
+
+
+@subcommand("train", "pretrain or fine-tune a model with accelerate (see docs/TRAINING.md)", _train_arguments)
+def _train(args: argparse.Namespace) -> int:
+    from .train.cli import run_train
+
+    return run_train(args)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
