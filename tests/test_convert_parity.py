@@ -21,8 +21,9 @@ from comfy_mm_interleaved.checkpoint import (
 from comfy_mm_interleaved.config import MMInterleavedConfig
 from comfy_mm_interleaved.convert import OFFICIAL_INDEX, convert_official, load_config_file
 
-from .conftest import golden_dir
+from .conftest import assert_close, golden_dir, load_case
 from .helpers_checkpoint import OFFICIAL_TINY, converted_tiny_checkpoint  # noqa: F401
+from .helpers_model import fixture_draws, fixture_images, forward_kwargs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -60,6 +61,23 @@ def test_from_pretrained_parity(converted_tiny_checkpoint, reference):  # noqa: 
     for key, tensor in reference.items():
         assert state[key].dtype == tensor.dtype and torch.equal(state[key], tensor), key
     assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_converted_checkpoint_forward_parity(converted_tiny_checkpoint):  # noqa: F811
+    """End to end: the official release -> converter -> from_pretrained -> training forward = the official one."""
+    case = load_case("forward")
+    model = from_pretrained(converted_tiny_checkpoint)
+    with torch.no_grad():
+        output = model(
+            **forward_kwargs(case),
+            image_tensors=fixture_images(case, "image_tensors"),
+            image_tensors_dec=fixture_images(case, "image_tensors_dec"),
+            draws=fixture_draws(case),
+        )
+    assert_close(output.text_logits, case["out.text_logits"], 1e-4, "out.text_logits")
+    for name in ("loss", "loss_txt", "loss_img"):
+        expected = case.meta["scalars"][name]
+        assert abs(float(getattr(output, name)) - expected) <= 1e-4 * max(1.0, abs(expected)), name
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
