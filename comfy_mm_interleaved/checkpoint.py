@@ -137,29 +137,39 @@ def human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def _is_fixed_table(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in _FLOAT32_ON_DISK
+
+
+def _disk_dtype(key: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """``dtype`` for floating tensors (float32 for the fixed tables); integer tensors and ``dtype=None`` keep theirs."""
+    if dtype is None or not tensor.is_floating_point():
+        return tensor.dtype
+    return torch.float32 if _is_fixed_table(key) else dtype
+
+
 def _stored_tensor(key: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """The CPU, contiguous tensor written for ``key``: floating tensors cast to ``dtype`` except fixed tables."""
+    """The contiguous CPU tensor written for ``key``."""
     if tensor.device.type == "meta":
         raise CheckpointError(f"tensor {key!r} is on the meta device (never loaded); load every weight before saving")
-    tensor = tensor.detach()
-    if dtype is not None and tensor.is_floating_point():
-        tensor = tensor.to(torch.float32 if key.rsplit(".", 1)[-1] in _FLOAT32_ON_DISK else dtype)
-    return tensor.to("cpu").contiguous()
-
-
-def _stored_nbytes(key: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> int:
-    if dtype is None or not tensor.is_floating_point():
-        return tensor.numel() * tensor.element_size()
-    keep32 = key.rsplit(".", 1)[-1] in _FLOAT32_ON_DISK
-    return tensor.numel() * (4 if keep32 else dtype.itemsize)
+    return tensor.detach().to(device="cpu", dtype=_disk_dtype(key, tensor, dtype)).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Durable file writes
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_folder(path: Path) -> None:
+    """Make renames inside ``path`` durable; best effort (Windows cannot open a folder for fsync)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.fsync(fd)
     finally:
@@ -170,7 +180,7 @@ def _write_durably(path: Path, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` then fsync and rename to ``path``: readers never see a partial file."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
-    _fsync_path(tmp)
+    _fsync_file(tmp)
     os.replace(tmp, path)
 
 
@@ -258,7 +268,7 @@ class CheckpointWriter:
         part: list[str] = []
         size = 0
         for key in keys:
-            nbytes = _stored_nbytes(key, tensors[key], self.dtype)
+            nbytes = tensors[key].numel() * _disk_dtype(key, tensors[key], self.dtype).itemsize
             if part and size + nbytes > self.max_shard_bytes:
                 yield part
                 part, size = [], 0
@@ -279,7 +289,7 @@ class CheckpointWriter:
             totals["num_tensors"] += 1
             totals["num_elements"] += tensor.numel()
             totals["tensor_bytes"] += tensor.numel() * tensor.element_size()
-            if tensor.is_floating_point() and key.rsplit(".", 1)[-1] not in _FLOAT32_ON_DISK:
+            if tensor.is_floating_point() and not _is_fixed_table(key):
                 self.float_dtypes.add(dtype_name(tensor.dtype))
         self.files[name] = {"component": component, "size_bytes": (self.tmp / name).stat().st_size}
 
@@ -308,7 +318,7 @@ class CheckpointWriter:
             "weight_map": dict(sorted(self.weight_map.items())),
         }
         _write_json(self.tmp / INDEX_FILE, index)
-        _fsync_path(self.tmp)
+        _fsync_folder(self.tmp)
         self._move_into_place()
         return self.folder
 
@@ -318,7 +328,7 @@ class CheckpointWriter:
             old = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.old-", dir=self.folder.parent))
             os.replace(self.folder, old / "model")
         os.replace(self.tmp, self.folder)
-        _fsync_path(self.folder.parent)
+        _fsync_folder(self.folder.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 

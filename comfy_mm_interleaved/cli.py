@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import MMInterleavedConfig
+
 PROG = "mm-interleaved"
 
 
@@ -94,7 +96,7 @@ def _info_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", type=Path, help="a model folder (config.json + weights_index.json)")
 
 
-def _config_summary(config) -> list[str]:  # noqa: ANN001 (MMInterleavedConfig, imported lazily)
+def _config_summary(config: MMInterleavedConfig) -> list[str]:
     llm, vit = config.llm, config.visual_tokenizer.encoder
     dec = config.image_decoder
     return [
