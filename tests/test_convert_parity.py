@@ -12,7 +12,9 @@ from safetensors.torch import load_file
 from comfy_mm_interleaved.checkpoint import (
     COMPONENTS,
     CheckpointError,
+    check_tensor_specs,
     component_of,
+    expected_tensor_specs,
     from_pretrained,
     load_state_dict_from_folder,
     read_config,
@@ -24,6 +26,7 @@ from comfy_mm_interleaved.convert import OFFICIAL_INDEX, convert_official, load_
 from .conftest import assert_close, golden_dir, load_case
 from .helpers_checkpoint import OFFICIAL_TINY, converted_tiny_checkpoint  # noqa: F401
 from .helpers_model import fixture_draws, fixture_images, forward_kwargs
+from .test_qformer import REFERENCE_KEYS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -188,3 +191,13 @@ def test_convert_refuses_code_in_pickles(tmp_path, tiny_config):
     torch.save({"payload": shutil.rmtree}, shard)  # unpickling would import an arbitrary callable
     with pytest.raises(CheckpointError, match="not a readable PyTorch weights file"):
         convert_official(src, tmp_path / "model", config=tiny_config)
+
+
+def test_release_layout_fits_the_default_config():
+    """The converter's expectation for the default config (an empty build) accepts the real 13B release layout."""
+    release = {k: tuple(shape) for k, (shape, _) in json.loads(REFERENCE_KEYS.read_text()).items()}
+    expected = expected_tensor_specs(MMInterleavedConfig.official_13b())
+    check_tensor_specs(release, expected, "the 13B release", "none needed")
+    position_ids = "visual_tokenizer.encoder.vision_model.embeddings.position_ids"
+    assert expected[position_ids][1] == torch.int64
+    assert {component_of(k) for k in release} == set(COMPONENTS)
