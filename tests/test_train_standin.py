@@ -172,7 +172,10 @@ class StandInModel(nn.Module):
 
 
 def build(cfg=None) -> StandInModel:  # noqa: ANN001
-    return StandInModel(standin_config())
+    """The stand-in with fixed initial weights (whatever the global RNG state)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return StandInModel(standin_config())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -53,6 +53,9 @@ class TrainSection:
     grad_accum: int = 1
     mixed_precision: str = "no"  # "no", "bf16", "fp16" (an accelerate config may set it too)
     seed: int = 32
+    # Re-seed the model's random draws (noise, timesteps, CFG drop, dropout) from the seed and the global position
+    # of each micro-batch: results then depend on the data alone, not on the number of processes or on resumes.
+    seed_per_batch: bool = True
     log_every: int = 10
     save_every: int = 1000
     eval_every: int = 1000

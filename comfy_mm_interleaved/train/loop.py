@@ -314,6 +314,8 @@ class Trainer:
                 for _ in range(t.grad_accum):
                     kwargs, extra = move_batch(next(batches), acc.device)
                     kwargs = adapt_to_forward(kwargs, self.forward_params)
+                    if t.seed_per_batch:
+                        torch.manual_seed(t.seed * 1_000_003 + extra["_index"])
                     with acc.accumulate(self.model):
                         output = self.model(**kwargs)
                         acc.backward(output.loss if not isinstance(output, dict) else output["loss"])

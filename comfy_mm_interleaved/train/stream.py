@@ -237,6 +237,7 @@ class TrainStream(IterableDataset):
             start = self.rank * self.cfg.batch_size
             batch, image_skips = self.materialize(rows[start : start + self.cfg.batch_size], source)
             batch["_state"] = {"round": round_index, "sources": [s.state() for s in streams]}
+            batch["_index"] = (round_index - 1) * self.world_size + self.rank  # global micro-batch position
             skips = {f"{source.dataset_name}/{k}": v for k, v in image_skips.items()}
             if self.rank == 0:  # packing happens identically on every process: count it once
                 for k, v in packing_skips.items():

@@ -1,0 +1,216 @@
+"""The training loop: exact resume after SIGKILL, SIGTERM checkpoints, corrupt-checkpoint fallback, a 2-process
+CPU run (accelerate launch, gloo) equal to 1 process, parameter groups, schedule, logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from comfy_mm_interleaved.train.checkpointing import list_checkpoints, verify_checkpoint
+from comfy_mm_interleaved.train.config import TrainConfig
+from comfy_mm_interleaved.train.loop import lr_multiplier, train
+from comfy_mm_interleaved.train.metrics import crc32c, read_metrics
+from comfy_mm_interleaved.train.params import OFFICIAL_RULES, apply_freezing, build_param_groups
+
+from .test_train_standin import WORDS, build, interleaved_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return interleaved_corpus(tmp_path_factory.mktemp("corpus"), n_docs=16)
+
+
+def config_dict(out: Path, corpus: Path, **train_over) -> dict:
+    return {
+        "model": {"factory": "tests.test_train_standin:build", "tokenizer_words": WORDS},
+        "optim": {"lr": 3e-3, "warmup_steps": 2},
+        "train": {
+            "output_dir": str(out),
+            "max_steps": 6,
+            "grad_accum": 2,
+            "save_every": 2,
+            "log_every": 1,
+            "eval_every": 0,
+            "keep_last": 2,
+            "seed": 5,
+            "progress_bar": False,
+            "cpu": True,
+            **train_over,
+        },
+        "data": {
+            "seq_len": 32,
+            "batch_size": 1,
+            "sources": [{"format": "interleaved", "shards": str(corpus), "image_root": str(corpus.parent)}],
+        },
+    }
+
+
+def write_config(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run_cli(config: Path, env: dict[str, str] | None = None, launcher: list[str] | None = None, timeout: int = 240):
+    cmd = (launcher or [sys.executable]) + ["-m", "comfy_mm_interleaved", "train", "--config", str(config)]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def losses(out: Path) -> dict[int, float]:
+    return read_metrics(out / "metrics.csv", "loss")
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory) -> dict[int, float]:
+    """The uninterrupted run, in-process."""
+    out = tmp_path_factory.mktemp("reference")
+    result = train(TrainConfig.load(write_config(out / "c.yaml", config_dict(out, corpus))), model=build())
+    assert result.step == 6 and not result.stopped_by_signal
+    ref = losses(out)
+    assert sorted(ref) == [1, 2, 3, 4, 5, 6] and ref[6] < ref[1]
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [6, 4]  # keep_last 2
+    return ref
+
+
+def test_sigkill_between_checkpoints_resumes_and_reproduces_the_losses_exactly(corpus, reference, tmp_path) -> None:
+    config = write_config(tmp_path / "c.yaml", config_dict(tmp_path / "out", corpus))
+    killed = run_cli(config, {"STANDIN_KILL_AT_CALL": "9"})  # first micro-batch of step 5
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert [s for s, _ in list_checkpoints(tmp_path / "out" / "checkpoints")] == [4, 2]
+    resumed = run_cli(config)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "step_00000004" in resumed.stderr
+    assert losses(tmp_path / "out") == reference  # bit-exact, steps 1-4 before the kill and 5-6 after
+
+
+def test_sigterm_saves_a_checkpoint_and_a_corrupt_one_falls_back(corpus, reference, tmp_path) -> None:
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", config_dict(out, corpus))
+    stopped = run_cli(config, {"STANDIN_TERM_AT_CALL": "5"})  # during step 3: finish it, save, exit
+    assert stopped.returncode == 0, stopped.stderr[-2000:]
+    assert "stopped by signal at step 3" in stopped.stderr
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [3, 2]
+    step3 = out / "checkpoints" / "step_00000003"
+    assert verify_checkpoint(step3) is None
+    # corrupt the newest checkpoint (one flipped byte) and leave a half-written one: resume uses step 2
+    weights = next(step3.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert "SHA-256" in verify_checkpoint(step3)
+    half = out / "checkpoints" / "step_00000005"
+    shutil.copytree(out / "checkpoints" / "step_00000002", half)
+    (half / "manifest.json").unlink()
+    cfg = TrainConfig.load(config, ["train.max_steps=4", "train.save_every=100"])
+    result = train(cfg, model=build())
+    assert result.step == 4
+    got = losses(out)
+    assert got == {s: reference[s] for s in (1, 2, 3, 4)}  # steps 3-4 redone from step 2, same values
+
+
+def accelerate_config(path: Path, processes: int) -> Path:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # accelerate's MULTI_CPU launcher needs MPI; its torchrun launcher works on CPU when the training config says
+    # train.cpu: true (each process then joins a gloo process group)
+    data = {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": "MULTI_GPU",
+        "num_processes": processes,
+        "num_machines": 1,
+        "machine_rank": 0,
+        "main_process_ip": "127.0.0.1",
+        "main_process_port": port,
+        "mixed_precision": "no",
+        "use_cpu": False,
+        "dynamo_config": {"dynamo_backend": "NO"},
+        "rdzv_backend": "static",
+        "same_network": True,
+    }
+    return write_config(path, data)
+
+
+def test_two_cpu_processes_match_one_process_with_the_same_global_batch(corpus, reference, tmp_path) -> None:
+    out = tmp_path / "out2"
+    two = config_dict(out, corpus, grad_accum=1, max_steps=4, save_every=100)
+    launcher = [str(REPO / ".venv" / "bin" / "accelerate"), "launch", "--config_file"]
+    launcher.append(str(accelerate_config(tmp_path / "accelerate.yaml", 2)))
+    proc = run_cli(write_config(tmp_path / "c2.yaml", two), launcher=launcher)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = losses(out)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step, value in got.items():  # 2 processes x 1 row == 1 process x 2 accumulated rows
+        assert value == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
+
+
+def test_official_parameter_groups_and_frozen_parts() -> None:
+    model = build()
+    apply_freezing(model, "official")
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert "visual_tokenizer.encoder.vision_model.embeddings.patch_embedding.weight" in frozen
+    assert "visual_tokenizer.encoder.vision_model.adapter_spm.fc1.weight" not in frozen
+    assert {
+        "mm_decoder.embed_tokens.weight",
+        "text_decoder.head.weight",
+        "image_decoder.decoder.vae.encoder.weight",
+    } < frozen
+    groups = {g["name"]: g for g in build_param_groups(model, 1e-4, 0.05, OFFICIAL_RULES)}
+    by_name = {n: (g["lr"], g["weight_decay"]) for g in groups.values() for n in g["param_names"]}
+    layer = "mm_decoder.layers.0.llama_cross_attn"
+    assert by_name[f"{layer}.gate"] == (1e-4, 0.0)
+    assert by_name[f"{layer}.attn.sampling_offsets.weight"] == (1e-5, 0.0)
+    assert by_name[f"{layer}.attn.value_proj.weight"] == (1e-4, 0.05)
+    assert by_name[f"{layer}.attn.value_proj.bias"] == (1e-4, 0.0)
+    assert by_name[f"{layer}.norm1.weight"] == (1e-4, 0.05)  # RMSNorm-style weights are decayed, as officially
+    assert by_name["image_decoder.decoder.unet.conv_in.weight"] == (1e-5, 0.05)
+    assert by_name["visual_tokenizer.pos_ln.weight"] == (1e-4, 0.0)  # nn.LayerNorm: no decay
+    assert by_name["soi_token"] == (1e-4, 0.05)
+    assert set(by_name) == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_warmup_cosine_schedule_values() -> None:
+    assert lr_multiplier(0, 4, 14, "cosine", 0.0) == pytest.approx(1 / 5)
+    assert lr_multiplier(3, 4, 14, "cosine", 0.0) == pytest.approx(4 / 5)
+    assert lr_multiplier(4, 4, 14, "cosine", 0.0) == pytest.approx(1.0)
+    assert lr_multiplier(9, 4, 14, "cosine", 0.0) == pytest.approx(0.5)  # half-way: (1 + cos(pi/2)) / 2
+    assert lr_multiplier(14, 4, 14, "cosine", 0.1) == pytest.approx(0.1)
+
+
+def test_tensorboard_events_are_valid_tfrecords(reference, tmp_path) -> None:
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    from comfy_mm_interleaved.train.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, tensorboard=True)
+    logger.log(7, {"loss": 0.5})
+    logger.close()
+    (events,) = (tmp_path / "tensorboard").iterdir()
+    data = events.read_bytes()
+    records, pos = [], 0
+    while pos < len(data):
+        (length,) = torch.tensor(list(data[pos : pos + 8]), dtype=torch.uint8).numpy().view("<u8")
+        records.append(data[pos + 12 : pos + 12 + int(length)])
+        pos += 12 + int(length) + 4
+    assert len(records) == 2 and b"brain.Event:2" in records[0]
+    assert b"loss" in records[1] and torch.tensor(0.5).numpy().astype("<f4").tobytes() in records[1]
+    assert (tmp_path / "metrics.csv").read_text().splitlines()[1].split(",")[::2] == ["7", "loss"]
+
+
+def test_config_rejects_unknown_keys_and_applies_overrides(tmp_path) -> None:
+    path = write_config(tmp_path / "c.yaml", {"train": {"max_steps": 3}, "data": {"sources": []}})
+    cfg = TrainConfig.load(path, ["train.grad_accum=4", "optim.betas=[0.9, 0.95]"])
+    assert (cfg.train.max_steps, cfg.train.grad_accum, cfg.optim.betas) == (3, 4, [0.9, 0.95])
+    with pytest.raises(ValueError, match="unknown keys"):
+        TrainConfig.load(path, ["train.max_step=3"])
+    json.dumps(cfg.to_dict())  # serialisable
