@@ -55,3 +55,25 @@ def test_forward_does_not_modify_inputs(case) -> None:
     with torch.no_grad():
         model(**forward_kwargs(case), image_tensors=images, image_tensors_dec=images_dec, draws=fixture_draws(case))
     assert torch.equal(images, before[0]) and torch.equal(images_dec, before[1])
+
+
+def test_forward_parity_image_loss_mask_and_weights(case) -> None:
+    """``image_loss_mask`` drops images from the (all-element) mean; the loss weights override the config's."""
+    model = tiny_model()
+    images, images_dec = fixture_images(case, "image_tensors"), fixture_images(case, "image_tensors_dec")
+    keep = torch.ones(images.shape[0], dtype=torch.bool)
+    keep[0] = False
+    with torch.no_grad():
+        out = model(
+            **forward_kwargs(case),
+            image_tensors=images,
+            image_tensors_dec=images_dec,
+            draws=fixture_draws(case),
+            image_loss_mask=keep,
+            loss_txt_weight=2.0,
+            loss_img_weight=0.5,
+        )
+    counted = keep & (case["imgdec.context_attention_mask"].sum(1) > 2)
+    expected = float((case["sd.loss_elementwise"] * counted[:, None, None, None]).mean())
+    assert abs(float(out.loss_img) - expected) <= TOL * max(1.0, expected)
+    assert abs(float(out.loss) - (2.0 * float(out.loss_txt) + 0.5 * float(out.loss_img))) <= 1e-5

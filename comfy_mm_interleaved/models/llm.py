@@ -108,8 +108,7 @@ class GatedMMFSCrossAttention(nn.Module):
         else:
             raise ValueError(f"MMFS layer {self.layer_idx}: MMFSInputs carries neither features nor its values")
         query = self.norm1(hidden_states)
-        batch, length, _ = query.shape
-        reference_points = query.new_full((1, 1, 1, 2), REFERENCE_POINT).expand(1, length, 1, 2)
+        reference_points = query.new_full((1, 1, 1, 2), REFERENCE_POINT).expand(1, query.shape[1], 1, 2)
         out = self.attn(
             query,
             reference_points,
@@ -187,7 +186,9 @@ class MMDecoder(LlamaModel):
     """``LlamaModel`` (its own ``forward``) with MMFS layers at ``config.llm.mmfs_layer_indices()``.
 
     Call it like ``LlamaModel`` plus ``mmfs=MMFSInputs(...)``; the output is transformers'
-    ``BaseModelOutputWithPast`` (``last_hidden_state`` after the final RMSNorm, ``past_key_values`` cache).
+    ``BaseModelOutputWithPast`` (``last_hidden_state`` after the final RMSNorm; the KV ``cache`` with
+    ``use_cache=True``). ``config.llm.gradient_checkpointing`` turns on transformers' (non-reentrant) activation
+    checkpointing of every layer in training mode; the MMFS inputs are recomputed with the layer.
     """
 
     def __init__(self, config: MMInterleavedConfig) -> None:

@@ -171,18 +171,7 @@ class MMInterleaved(nn.Module):
             conditioning = self.image_conditioning(hidden, layout, doc_start, visual.multiscale_features)
             if self.image_decoder is not None and image_tensors_dec is not None:
                 self._check_images(image_tensors_dec, layout, "image_tensors_dec")
-                loss_mask = conditioning.loss_mask
-                if image_loss_mask is not None:
-                    loss_mask = loss_mask & image_loss_mask.to(loss_mask.device).bool()
-                loss_img, image_outputs = self.image_decoder.training_loss(
-                    image_tensors_dec,
-                    conditioning.context_features,
-                    conditioning.context_mask,
-                    conditioning.mmfs_features,
-                    conditioning.mmfs_mask,
-                    loss_mask,
-                    draws,
-                )
+                loss_img, image_outputs = self.image_loss(image_tensors_dec, conditioning, draws, image_loss_mask)
                 img_weight = self.config.loss_img_weight if loss_img_weight is None else loss_img_weight
                 loss = loss + img_weight * loss_img
 
@@ -260,6 +249,27 @@ class MMInterleaved(nn.Module):
             mmfs_mask=has_source.long()[:, None],
             mmfs_source=source,
             loss_mask=context_mask.sum(1) > 2,
+        )
+
+    def image_loss(
+        self,
+        image_tensors_dec: torch.Tensor,
+        conditioning: ImageConditioning,
+        draws: DiffusionDraws | None = None,
+        image_loss_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The image decoder's diffusion loss of every image and its intermediates."""
+        loss_mask = conditioning.loss_mask
+        if image_loss_mask is not None:
+            loss_mask = loss_mask & image_loss_mask.to(loss_mask.device).bool()
+        return self.image_decoder.training_loss(
+            image_tensors_dec,
+            conditioning.context_features,
+            conditioning.context_mask,
+            conditioning.mmfs_features,
+            conditioning.mmfs_mask,
+            loss_mask,
+            draws,
         )
 
     # ------------------------------------------------------------------------------------------------------
