@@ -233,7 +233,7 @@ class MMInterleaved(nn.Module):
         context = hidden[layout.row[:, None], positions]  # [n, L_max, D]
         context = torch.where(valid[..., None], context, 0.0)
         steps = torch.arange(positions.shape[1], device=hidden.device)
-        context = self.context_feat_proj(context) + sincos_1d(hidden.shape[-1], steps).to(context.dtype)
+        context = self.context_feat_proj(context) + sincos_1d(hidden.shape[-1], steps, torch.float32).to(context.dtype)
 
         source = unet_mmfs_source(layout, doc_start)
         has_source = source >= 0
