@@ -214,3 +214,21 @@ def test_config_rejects_unknown_keys_and_applies_overrides(tmp_path) -> None:
     with pytest.raises(ValueError, match="unknown keys"):
         TrainConfig.load(path, ["train.max_step=3"])
     json.dumps(cfg.to_dict())  # serialisable
+
+
+def test_shipped_configs_load() -> None:
+    configs = sorted((REPO / "configs" / "train").glob("*.yaml"))
+    assert {p.stem for p in configs} >= {"pretrain_official", "sft_llava", "sft_vqa", "sft_caption", "sft_story"}
+    for path in configs:
+        cfg = TrainConfig.load(path)
+        assert cfg.data.sources, path
+    official = TrainConfig.load(REPO / "configs" / "train" / "pretrain_official.yaml")
+    assert [(r.match, r.lr, r.weight_decay) for r in official.optim.rules] == [
+        (r.match, r.lr, r.weight_decay) for r in OFFICIAL_RULES
+    ]
+    assert (official.optim.betas, official.optim.eps, official.train.max_steps) == ([0.9, 0.995], 1e-6, 15000)
+    assert [s.weight for s in official.data.sources] == [1, 1, 1, 2]
+    accel = {p.stem: yaml.safe_load(p.read_text()) for p in (REPO / "configs" / "train" / "accelerate").glob("*.yaml")}
+    assert {a["distributed_type"] for a in accel.values()} == {"NO", "MULTI_GPU", "FSDP", "DEEPSPEED"}
+    ds = json.loads((REPO / "configs" / "train" / "accelerate" / "deepspeed_zero1.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 1 and ds["fp16"]["loss_scale_window"] == 250

@@ -57,7 +57,7 @@ class TrainSection:
     # of each micro-batch: results then depend on the data alone, not on the number of processes or on resumes.
     seed_per_batch: bool = True
     log_every: int = 10
-    save_every: int = 1000
+    save_every: int = 1000  # <= 0: no periodic or final checkpoint (SIGTERM still saves one)
     eval_every: int = 1000
     keep_last: int = 5
     resume: str = "auto"  # "auto" (latest valid checkpoint in output_dir), "none", or a checkpoint folder

@@ -349,7 +349,7 @@ class Trainer:
                     self.save_checkpoint()
                     stopped = True
                     break
-                if self.step % t.save_every == 0 or self.step == t.max_steps:
+                if t.save_every > 0 and (self.step % t.save_every == 0 or self.step == t.max_steps):
                     self.save_checkpoint()
         finally:
             stop.restore()

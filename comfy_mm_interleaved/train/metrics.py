@@ -86,6 +86,8 @@ class TensorBoardWriter:
         self._write(encode_event(time.time(), 0, file_version="brain.Event:2"))
 
     def _write(self, event: bytes) -> None:
+        if self.handle.closed:  # logging again after close() (a second train() call on the same Trainer)
+            self.handle = open(self.path, "ab")
         self.handle.write(tfrecord(event))
         self.handle.flush()
 
