@@ -1,0 +1,325 @@
+"""A real headless ComfyUI server for the integration tests, and a small client for it.
+
+The ComfyUI tree comes from ``scripts/setup_comfyui.sh`` (ComfyUI 0.3.75 from a registry wheel, cached outside the
+repository; ``$MMI_COMFYUI_DIR`` points at another tree). Each server gets a fresh base folder::
+
+    base/custom_nodes/comfy_mm_interleaved -> the repository root (symlink: the pack as a user would clone it)
+    base/models/mm_interleaved/<model>     model folders offered by the loader node
+    base/{input,output,temp,user}/         ComfyUI's own folders
+    base/extra_model_paths.yaml            a second models root (a user's extra paths must be honoured too)
+    base/server.log                        everything the server printed
+
+Only this pack is loaded (``--disable-all-custom-nodes --whitelist-custom-nodes``), no API nodes, no database
+file, one torch thread. Use it through ``shared_server()``: one server per test session, however many test modules
+ask for it (a plain session fixture imported into two modules would start two).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PACK_NAME = "comfy_mm_interleaved"
+MODELS_FOLDER = "mm_interleaved"
+START_TIMEOUT_S = 120.0
+
+
+class ComfyUIError(RuntimeError):
+    """The server did not start, died, or answered something unexpected (the message carries the log tail)."""
+
+
+def comfyui_dir() -> Path:
+    """The ComfyUI tree: ``$MMI_COMFYUI_DIR``, else whatever ``scripts/setup_comfyui.sh`` prepares (idempotent)."""
+    env = os.environ.get("MMI_COMFYUI_DIR")
+    if env:
+        path = Path(env)
+    else:
+        result = subprocess.run(
+            ["bash", str(REPO_ROOT / "scripts" / "setup_comfyui.sh")], capture_output=True, text=True, timeout=900
+        )
+        if result.returncode != 0:
+            raise ComfyUIError(f"scripts/setup_comfyui.sh failed:\n{result.stderr[-3000:]}")
+        path = Path(result.stdout.strip().splitlines()[-1])
+    if not (path / "main.py").is_file():
+        raise ComfyUIError(f"{path} is not a ComfyUI tree (no main.py); unset MMI_COMFYUI_DIR or fix it")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class EventListener:
+    """Collects every websocket message of one client id in a background thread (aiohttp, as ComfyUI itself uses)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.events: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._listen()), daemon=True)
+        self._thread.start()
+        if not self._connected.wait(30):
+            raise ComfyUIError(f"websocket {url} did not connect")
+
+    async def _listen(self) -> None:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session, session.ws_connect(self.url, heartbeat=20) as ws:
+            self._connected.set()
+            while not self._stop.is_set():
+                try:
+                    message = await ws.receive(timeout=0.2)
+                except asyncio.TimeoutError:
+                    continue
+                if message.type == aiohttp.WSMsgType.TEXT:
+                    with self._lock:
+                        self.events.append(json.loads(message.data))
+                elif message.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                    return
+
+    def of_prompt(self, prompt_id: str) -> list[dict[str, Any]]:
+        """Events whose data names ``prompt_id`` (progress, executing, executed, errors ...), in arrival order."""
+        with self._lock:
+            events = list(self.events)
+        return [e for e in events if isinstance(e.get("data"), dict) and e["data"].get("prompt_id") == prompt_id]
+
+    def wait_for(self, prompt_id: str, event_type: str, timeout: float = 60.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [e for e in self.of_prompt(prompt_id) if e["type"] == event_type]
+            if found:
+                return found[0]
+            time.sleep(0.02)
+        raise ComfyUIError(f"no {event_type!r} event for prompt {prompt_id} within {timeout:.0f} s")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+class ComfyUIServer:
+    """One ComfyUI subprocess on a free local port, with its own base folder (see the module docstring)."""
+
+    def __init__(self, base: Path, comfyui: Path | None = None) -> None:
+        self.comfyui = comfyui or comfyui_dir()
+        self.base = base
+        self.models = base / "models" / MODELS_FOLDER
+        self.extra_models = base / "extra_models" / MODELS_FOLDER
+        self.output = base / "output"
+        self.input = base / "input"
+        self.log_path = base / "server.log"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client_id = uuid.uuid4().hex
+        self.process: subprocess.Popen | None = None
+        self.listener: EventListener | None = None
+
+    # --------------------------------------------------------------------------------------------------- lifecycle
+
+    def _prepare_base(self) -> None:
+        for folder in ("custom_nodes", "input", "output", "temp", "user"):
+            (self.base / folder).mkdir(parents=True, exist_ok=True)
+        self.models.mkdir(parents=True, exist_ok=True)
+        self.extra_models.mkdir(parents=True, exist_ok=True)
+        link = self.base / "custom_nodes" / PACK_NAME
+        if not link.exists():
+            link.symlink_to(REPO_ROOT, target_is_directory=True)
+        (self.base / "extra_model_paths.yaml").write_text(
+            f"mmi_tests:\n    base_path: {self.base / 'extra_models'}\n    {MODELS_FOLDER}: {MODELS_FOLDER}\n"
+        )
+
+    def start(self) -> ComfyUIServer:
+        self._prepare_base()
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MMI_NUM_THREADS="1")
+        command = [
+            sys.executable,
+            str(self.comfyui / "main.py"),
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--base-directory",
+            str(self.base),
+            "--output-directory",
+            str(self.output),
+            "--input-directory",
+            str(self.input),
+            "--temp-directory",
+            str(self.base / "temp"),
+            "--user-directory",
+            str(self.base / "user"),
+            "--extra-model-paths-config",
+            str(self.base / "extra_model_paths.yaml"),
+            "--database-url",
+            "sqlite:///:memory:",
+            "--disable-api-nodes",
+            "--disable-all-custom-nodes",
+            "--whitelist-custom-nodes",
+            PACK_NAME,
+            "--dont-print-server",
+            "--log-stdout",
+        ]
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            command, cwd=self.base, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        log.close()
+        self._wait_until_serving()
+        self.listener = EventListener(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}")
+        return self
+
+    def _wait_until_serving(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ComfyUIError(f"ComfyUI exited with code {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                self.get("/system_stats", timeout=2)
+                return
+            except (OSError, ComfyUIError):
+                time.sleep(0.25)
+        raise ComfyUIError(f"ComfyUI did not answer /system_stats within {START_TIMEOUT_S:.0f} s:\n{self.log_tail()}")
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> str:
+        """Stop the server (SIGTERM, then SIGKILL) and return its whole log."""
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        if self.alive():
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(15)
+        return self.log()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log()[-chars:]
+
+    def rss_bytes(self) -> int:
+        import psutil
+
+        return psutil.Process(self.process.pid).memory_info().rss
+
+    # -------------------------------------------------------------------------------------------------------- HTTP
+
+    def request(self, method: str, path: str, body: Any = None, timeout: float = 30.0) -> tuple[int, Any]:
+        """``(status, parsed JSON or text)``; HTTP error statuses are returned, not raised."""
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as response:
+                status, raw = response.status, response.read()
+        except urllib.error.HTTPError as error:
+            status, raw = error.code, error.read()
+        try:
+            return status, json.loads(raw)
+        except ValueError:
+            return status, raw.decode(errors="replace")
+
+    def get(self, path: str, timeout: float = 30.0) -> Any:
+        status, body = self.request("GET", path, timeout=timeout)
+        if status != 200:
+            raise ComfyUIError(f"GET {path} answered {status}: {body}")
+        return body
+
+    def get_bytes(self, path: str) -> bytes:
+        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            return response.read()
+
+    def object_info(self) -> dict[str, Any]:
+        return self.get("/object_info")
+
+    def queue(self, prompt: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """POST /prompt: ``(status, {"prompt_id", "node_errors"} or {"error", "node_errors"})``."""
+        return self.request("POST", "/prompt", {"prompt": prompt, "client_id": self.client_id})
+
+    def wait(self, prompt_id: str, timeout: float = 120.0) -> dict[str, Any]:
+        """The history entry of ``prompt_id`` once it completed or failed."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
+            if entry and (entry["status"]["completed"] or entry["status"]["status_str"] == "error"):
+                return entry
+            if not self.alive():
+                raise ComfyUIError(f"ComfyUI died while running {prompt_id}:\n{self.log_tail()}")
+            time.sleep(0.05)
+        raise ComfyUIError(f"prompt {prompt_id} did not finish within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def run(self, prompt: dict[str, Any], timeout: float = 120.0) -> tuple[str, dict[str, Any]]:
+        """Queue ``prompt``, require that it validated completely, wait: ``(prompt_id, history entry)``."""
+        status, body = self.queue(prompt)
+        if status != 200 or body.get("node_errors"):
+            raise ComfyUIError(f"/prompt answered {status}: {json.dumps(body, indent=1)[:4000]}")
+        return body["prompt_id"], self.wait(body["prompt_id"], timeout)
+
+    def interrupt(self) -> None:
+        status, body = self.request("POST", "/interrupt", {})
+        if status != 200:
+            raise ComfyUIError(f"/interrupt answered {status}: {body}")
+
+    def output_file(self, item: dict[str, str]) -> bytes:
+        """The bytes of one image entry of a history output (``filename``, ``subfolder``, ``type``)."""
+        query = urllib.parse.urlencode({k: item[k] for k in ("filename", "subfolder", "type")})
+        return self.get_bytes(f"/view?{query}")
+
+
+def history_error(entry: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``execution_error`` message data of a history entry, or None."""
+    for name, data in entry["status"].get("messages", []):
+        if name == "execution_error":
+            return data
+    return None
+
+
+_SHARED: dict[str, ComfyUIServer] = {}
+
+
+def shared_server() -> ComfyUIServer:
+    """The one server of this test session (started on first use, stopped at interpreter exit)."""
+    server = _SHARED.get("server")
+    if server is not None and server.alive():
+        return server
+    if server is not None:
+        raise ComfyUIError(f"the shared ComfyUI server died earlier:\n{server.log_tail()}")
+    base = Path(tempfile.mkdtemp(prefix="mmi_comfyui_"))
+    server = ComfyUIServer(base)
+    _SHARED["server"] = server
+
+    def stop_and_clean() -> None:
+        server.stop()
+        if not os.environ.get("MMI_KEEP_COMFYUI_BASE"):
+            shutil.rmtree(base, ignore_errors=True)
+
+    atexit.register(stop_and_clean)
+    return server.start()
