@@ -99,7 +99,7 @@ def mmfs_forward_kernel(
         rec, rec_rows, any_visible = _image_rows(rec_ptr, batch, q_block, q_ok, Lq, n_img, image, BLOCK_Q, BLOCK_P)
         if any_visible:
             ok = row_ok & (rec_rows > 0)
-            for level in tl.static_range(L_IMG):
+            for level in range(L_IMG):
                 z = _logits(att_tok_ptr, att_tab_ptr, tok_row, rec_rows, head, M, P, level, point, ok, L_IMG, CDT)
                 z = tl.reshape(z, (BLOCK_Q, BLOCK_P))
                 new_max = tl.maximum(run_max, tl.max(z, axis=1))
@@ -119,7 +119,7 @@ def mmfs_forward_kernel(
         if any_visible:
             ok = row_ok & (rec_rows > 0)
             ox, oy = _image_offsets(off_tok_ptr, off_tab_ptr, tok_row, rec_rows, head, M, P, point, ok, CDT)
-            for level in tl.static_range(L_IMG):
+            for level in range(L_IMG):
                 lvl = image * L_IMG + level
                 height = tl.load(shapes_ptr + 2 * lvl)
                 width = tl.load(shapes_ptr + 2 * lvl + 1)
@@ -193,7 +193,7 @@ def mmfs_backward_kernel(
             grad_oy = tl.zeros([R], dtype=CDT)
             # per-image row of the gradient buffers: [N, Lq, n_img, M, ...]
             img_row = ((batch * Lq + query) * n_img + image) * M + head
-            for level in tl.static_range(L_IMG):
+            for level in range(L_IMG):
                 lvl = image * L_IMG + level
                 height = tl.load(shapes_ptr + 2 * lvl)
                 width = tl.load(shapes_ptr + 2 * lvl + 1)

@@ -11,6 +11,12 @@ import torch
 
 torch.set_num_threads(int(os.environ.get("MMI_NUM_THREADS", "1")))
 
+# Kernel tests (tests/test_kernel_*.py) run the real Triton kernels on CPUs in Triton's interpreter. It must be
+# chosen before triton is first imported (triton decorates its own library at import, and diffusers/dynamo import
+# it early); it only affects code that launches Triton kernels. MMI_TEST_DEVICE=cuda runs them compiled on a GPU.
+if os.environ.get("MMI_TEST_DEVICE", "cpu") == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

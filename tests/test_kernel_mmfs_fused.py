@@ -1,8 +1,8 @@
 """The fused MMFS Triton path (softmax + locations + sampling in one kernel) against the golden mmfs_case and the
 unfused module path (``grid_sample`` reference op).
 
-On a CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set before they are first imported);
-``MMI_TEST_DEVICE=cuda`` runs them compiled on a GPU.
+On a CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by tests/conftest.py before Triton
+is first imported); ``MMI_TEST_DEVICE=cuda`` runs them compiled on a GPU.
 """
 
 from __future__ import annotations
@@ -19,9 +19,7 @@ from comfy_mm_interleaved.ops.cases import causal_image_visibility, level_tables
 from .conftest import assert_close, load_case
 from .test_mmfs_parity import build_mmfs
 
-DEVICE = os.environ.get("MMI_TEST_DEVICE", "cpu")
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
+DEVICE = os.environ.get("MMI_TEST_DEVICE", "cpu")  # on "cpu", tests/conftest.py sets TRITON_INTERPRET=1
 
 
 @pytest.fixture

@@ -1,8 +1,8 @@
 """The Triton kernels of the deformable-sampling op against the grid_sample oracle and the golden msda_case.
 
-On a CPU (default) the real kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set below before the
-kernels are first imported; the library imports Triton lazily). ``MMI_TEST_DEVICE=cuda`` runs the same tests on a
-GPU with compiled kernels. Shapes are sized to a few dozen programs per launch.
+On a CPU (default) the real kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by tests/conftest.py
+before Triton is first imported). ``MMI_TEST_DEVICE=cuda`` runs the same tests on a GPU with compiled kernels.
+Shapes are sized to a few dozen programs per launch.
 """
 
 from __future__ import annotations
@@ -25,9 +25,7 @@ from comfy_mm_interleaved.ops.cases import (
 
 from .conftest import assert_close, load_case
 
-DEVICE = os.environ.get("MMI_TEST_DEVICE", "cpu")
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
+DEVICE = os.environ.get("MMI_TEST_DEVICE", "cpu")  # on "cpu", tests/conftest.py sets TRITON_INTERPRET=1
 
 TOL = 1e-5
 

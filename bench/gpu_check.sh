@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# One-shot GPU check of the deformable-sampling op, from the repository root on a bare GPU machine (~6 minutes).
+#
+#   bash bench/gpu_check.sh            # on the GPU machine (carry .device/ for the Deformable-DETR sources)
+#   bash bench/gpu_check.sh --dry-run  # on a CPU: the same stages at toy sizes (Triton in its interpreter)
+#
+# Stages, each guarded by a timeout (a failing stage is reported and the others still run):
+#   env      GPU, torch, triton; importing comfy_mm_interleaved.ops must not import diffusers/transformers
+#   detr     build Deformable-DETR's CUDA op in the background (sources in .device/deformable_detr_ops, not in git)
+#   tests    the kernel / op / MMFS tests compiled on CUDA (MMI_TEST_DEVICE=cuda: no interpreter)
+#   check32  fp32 and fp16 checks of every implementation against the reference at the realistic shapes
+#   check16  (bench/kernel.py --check-only; the bf16 check is part of the bench stage)
+#   bench    bench/kernel.py in bf16 with the Deformable-DETR op and a Triton block-size sweep; table last
+# Logs (and kernel_bench.json) go to $OUT when it is set, else to $TMPDIR/mmi_gpu_check. The project needs no
+# install: PYTHONPATH=$PWD and comfy_mm_interleaved/__init__.py exposes kernels/ as comfy_mm_interleaved.kernels.
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export MMI_NUM_THREADS="${MMI_NUM_THREADS:-8}"
+PY="${PYTHON:-python3}"
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
+LOG="${OUT:-${TMPDIR:-/tmp}/mmi_gpu_check}"
+mkdir -p "$LOG"
+DETR_BUILD="${TMPDIR:-/tmp}/mmi_detr_ops_build"
+SUMMARY=()
+
+run_stage() {  # run_stage NAME SECONDS COMMAND...: log to $LOG/NAME.log, keep its tail, record the status
+    local name=$1 limit=$2 start rc
+    shift 2
+    start=$(date +%s)
+    echo "=== $name: $*" >"$LOG/$name.log"
+    timeout --kill-after=10 "$limit" "$@" >>"$LOG/$name.log" 2>&1
+    rc=$?
+    tail -n 30 "$LOG/$name.log"
+    local verdict=ok
+    [ $rc -ne 0 ] && verdict="FAILED (rc=$rc$([ $rc -eq 124 ] && echo ', timed out'))"
+    SUMMARY+=("$(printf '%-8s %-40s %4ss' "$name" "$verdict" "$(($(date +%s) - start))")")
+}
+
+if [ $DRY -eq 1 ]; then
+    DEVICE_ARGS=(--device cpu --scale 0.002 --warmup 0 --repeats 1 --no-detr)
+    TEST_DEVICE=cpu
+    TESTS=(tests/test_kernel_msda.py tests/test_mmfs_parity.py)
+else
+    DEVICE_ARGS=(--device cuda)
+    TEST_DEVICE=cuda
+    TESTS=(tests/test_kernel_msda.py tests/test_kernel_mmfs_fused.py tests/test_ops_msda.py tests/test_mmfs_parity.py)
+fi
+
+env_check() {
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1 || true
+    "$PY" - <<'EOF'
+import sys
+import torch
+import comfy_mm_interleaved.ops  # noqa: F401
+import comfy_mm_interleaved.models.mmfs  # noqa: F401
+import comfy_mm_interleaved.kernels  # noqa: F401  (the source-checkout mapping of kernels/)
+heavy = [m for m in ("diffusers", "transformers") if m in sys.modules]
+print(f"python {sys.version.split()[0]}, torch {torch.__version__}, cuda {torch.cuda.is_available()}")
+try:
+    import triton
+    print(f"triton {triton.__version__}")
+except ImportError:
+    print("triton missing")
+print("imports of diffusers/transformers by the ops:", heavy or "none")
+sys.exit(1 if heavy else 0)
+EOF
+}
+
+export -f env_check
+export PY
+run_stage env 60 bash -c env_check
+
+if [ $DRY -eq 0 ]; then  # overlaps the nvcc build with the tests
+    timeout 300 "$PY" bench/kernel.py --device cuda --build-detr-only --detr-build-dir "$DETR_BUILD" \
+        >"$LOG/detr.log" 2>&1 &
+    DETR_PID=$!
+fi
+
+run_stage tests 240 env MMI_TEST_DEVICE=$TEST_DEVICE "$PY" -m pytest -q -ra -p no:cacheprovider "${TESTS[@]}" \
+    --deselect tests/test_ops_msda.py::test_ops_compiled_gather_opt_in --durations=8
+run_stage check32 90 "$PY" bench/kernel.py "${DEVICE_ARGS[@]}" --check-only --dtype float32 --no-detr \
+    --json "${TMPDIR:-/tmp}/mmi_check32.json"
+if [ $DRY -eq 0 ]; then  # (grid_sample has no fp16 CPU kernel)
+    run_stage check16 90 "$PY" bench/kernel.py "${DEVICE_ARGS[@]}" --check-only --dtype float16 --no-detr \
+        --json "${TMPDIR:-/tmp}/mmi_check16.json"
+fi
+
+if [ $DRY -eq 0 ]; then
+    wait "$DETR_PID"
+    echo "detr build rc=$? ($(tail -n 1 "$LOG/detr.log"))"
+    run_stage bench 300 "$PY" bench/kernel.py "${DEVICE_ARGS[@]}" --tune --detr-build-dir "$DETR_BUILD" \
+        --json "$LOG/kernel_bench.json"
+else
+    run_stage bench 300 "$PY" bench/kernel.py "${DEVICE_ARGS[@]}" --json "$LOG/kernel_bench.json"
+fi
+
+{
+    echo
+    echo "=== gpu_check summary (logs in $LOG)"
+    printf '%s\n' "${SUMMARY[@]}"
+    echo
+    sed -n '/^SUMMARY$/,$p' "$LOG/bench.log"
+} | tee "$LOG/summary.txt"
