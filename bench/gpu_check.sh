@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # One-shot GPU check of the deformable-sampling op, from the repository root on a bare GPU machine (~6 minutes).
 #
-#   bash bench/gpu_check.sh            # on the GPU machine (carry .device/ for the Deformable-DETR sources)
+#   bash bench/gpu_check.sh            # on the GPU machine; carry .device/ (Deformable-DETR sources, golden copy)
 #   bash bench/gpu_check.sh --dry-run  # on a CPU: the same stages at toy sizes (Triton in its interpreter)
 #
 # Stages, each guarded by a timeout (a failing stage is reported and the others still run):
 #   env      GPU, torch, triton; importing comfy_mm_interleaved.ops must not import diffusers/transformers
 #   detr     build Deformable-DETR's CUDA op in the background (sources in .device/deformable_detr_ops, not in git)
 #   tests    the kernel / op / MMFS tests compiled on CUDA (MMI_TEST_DEVICE=cuda: no interpreter)
-#   check32  fp32 and fp16 checks of every implementation against the reference at the realistic shapes
-#   check16  (bench/kernel.py --check-only; the bf16 check is part of the bench stage)
-#   bench    bench/kernel.py in bf16 with the Deformable-DETR op and a Triton block-size sweep; table last
+#   checks   fp32 and fp16 checks of every implementation against the reference at the realistic shapes
+#            (bench/kernel.py --check-only; the bf16 check is part of the bench stage)
+#   bench    bench/kernel.py in bf16, with Deformable-DETR's op (fp32) when it built; table last
+#   tune     BLOCK_Q x num_warps sweep of the plain Triton kernels at the LLM-side shape
 # Logs (and kernel_bench.json) go to $OUT when it is set, else to $TMPDIR/mmi_gpu_check. The project needs no
 # install: PYTHONPATH=$PWD and comfy_mm_interleaved/__init__.py exposes kernels/ as comfy_mm_interleaved.kernels.
 set -u
@@ -18,6 +19,10 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export MMI_NUM_THREADS="${MMI_NUM_THREADS:-8}"
 PY="${PYTHON:-python3}"
+# golden fixtures: ../shared/golden beside the checkout, else the copy carried in .device/golden (not in git)
+if [ -z "${MMI_GOLDEN_DIR:-}" ] && [ ! -f ../shared/golden/msda_case.json ] && [ -f .device/golden/msda_case.json ]; then
+    export MMI_GOLDEN_DIR="$PWD/.device/golden"
+fi
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
 LOG="${OUT:-${TMPDIR:-/tmp}/mmi_gpu_check}"
@@ -25,18 +30,20 @@ mkdir -p "$LOG"
 DETR_BUILD="${TMPDIR:-/tmp}/mmi_detr_ops_build"
 SUMMARY=()
 
-run_stage() {  # run_stage NAME SECONDS COMMAND...: log to $LOG/NAME.log, keep its tail, record the status
-    local name=$1 limit=$2 start rc
+run_stage() {  # run_stage NAME SECONDS COMMAND...: log to $LOG/<NAME up to a "-">.log, keep its tail, record the status
+    local name=$1 limit=$2 start rc log
     shift 2
+    log="$LOG/${name%%-*}.log"
     start=$(date +%s)
-    echo "=== $name: $*" >"$LOG/$name.log"
-    timeout --kill-after=10 "$limit" "$@" >>"$LOG/$name.log" 2>&1
+    echo "=== $name: $*" >>"$log"
+    timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
     rc=$?
-    tail -n 30 "$LOG/$name.log"
+    tail -n 30 "$log"
     local verdict=ok
     [ $rc -ne 0 ] && verdict="FAILED (rc=$rc$([ $rc -eq 124 ] && echo ', timed out'))"
-    SUMMARY+=("$(printf '%-8s %-40s %4ss' "$name" "$verdict" "$(($(date +%s) - start))")")
+    SUMMARY+=("$(printf '%-15s %-36s %4ss' "$name" "$verdict" "$(($(date +%s) - start))")")
 }
+rm -f "$LOG"/{env,detr,tests,checks,bench,tune}.log "$LOG/summary.txt"
 
 if [ $DRY -eq 1 ]; then
     DEVICE_ARGS=(--device cpu --scale 0.002 --warmup 0 --repeats 1 --no-detr)
@@ -64,6 +71,8 @@ try:
 except ImportError:
     print("triton missing")
 print("imports of diffusers/transformers by the ops:", heavy or "none")
+import os
+print("golden fixtures:", os.environ.get("MMI_GOLDEN_DIR", "../shared/golden"))
 sys.exit(1 if heavy else 0)
 EOF
 }
@@ -80,26 +89,27 @@ fi
 
 run_stage tests 240 env MMI_TEST_DEVICE=$TEST_DEVICE "$PY" -m pytest -q -ra -p no:cacheprovider "${TESTS[@]}" \
     --deselect tests/test_ops_msda.py::test_ops_compiled_gather_opt_in --durations=8
-run_stage check32 90 "$PY" bench/kernel.py "${DEVICE_ARGS[@]}" --check-only --dtype float32 --no-detr \
-    --json "${TMPDIR:-/tmp}/mmi_check32.json"
+# fp32 (and on a GPU fp16) checks of every implementation at the realistic shapes, without timing
+run_stage checks-float32 120 "$PY" bench/kernel.py "${DEVICE_ARGS[@]}" --check-only --dtype float32 --no-detr \
+    --json "${TMPDIR:-/tmp}/mmi_check_float32.json"
 if [ $DRY -eq 0 ]; then  # (grid_sample has no fp16 CPU kernel)
-    run_stage check16 90 "$PY" bench/kernel.py "${DEVICE_ARGS[@]}" --check-only --dtype float16 --no-detr \
-        --json "${TMPDIR:-/tmp}/mmi_check16.json"
+    run_stage checks-float16 120 "$PY" bench/kernel.py "${DEVICE_ARGS[@]}" --check-only --dtype float16 --no-detr \
+        --json "${TMPDIR:-/tmp}/mmi_check_float16.json"
 fi
 
 if [ $DRY -eq 0 ]; then
     wait "$DETR_PID"
     echo "detr build rc=$? ($(tail -n 1 "$LOG/detr.log"))"
-    run_stage bench 300 "$PY" bench/kernel.py "${DEVICE_ARGS[@]}" --tune --detr-build-dir "$DETR_BUILD" \
-        --json "$LOG/kernel_bench.json"
-else
-    run_stage bench 300 "$PY" bench/kernel.py "${DEVICE_ARGS[@]}" --json "$LOG/kernel_bench.json"
 fi
+run_stage bench 300 "$PY" bench/kernel.py "${DEVICE_ARGS[@]}" --detr-build-dir "$DETR_BUILD" \
+    --json "$LOG/kernel_bench.json"
+[ $DRY -eq 0 ] && run_stage tune 150 "$PY" bench/kernel.py --device cuda --tune-only --no-detr
 
 {
     echo
     echo "=== gpu_check summary (logs in $LOG)"
     printf '%s\n' "${SUMMARY[@]}"
     echo
+    [ -f "$LOG/tune.log" ] && grep -A16 "sweep" "$LOG/tune.log"
     sed -n '/^SUMMARY$/,$p' "$LOG/bench.log"
 } | tee "$LOG/summary.txt"
