@@ -169,6 +169,27 @@ def _train(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# generate (comfy_mm_interleaved/inference/cli.py; light imports until it runs)
+
+
+def _generate_arguments(parser: argparse.ArgumentParser) -> None:
+    from .inference.cli import add_arguments
+
+    add_arguments(parser)
+
+
+@subcommand(
+    "generate",
+    "continue interleaved documents with text and images (JSON / JSONL in, JSON + PNG out)",
+    _generate_arguments,
+)
+def _generate(args: argparse.Namespace) -> int:
+    from .inference.cli import run_generate
+
+    return run_generate(args)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
