@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+EMBEDDED_MODEL = REPO_ROOT / "comfy_mm_interleaved" / "embedded"
+TINY_MODEL = "tiny"
 PACK_NAME = "comfy_mm_interleaved"
 MODELS_FOLDER = "mm_interleaved"
 START_TIMEOUT_S = 120.0
@@ -59,6 +61,27 @@ def comfyui_dir() -> Path:
     if not (path / "main.py").is_file():
         raise ComfyUIError(f"{path} is not a ComfyUI tree (no main.py); unset MMI_COMFYUI_DIR or fix it")
     return path
+
+
+def embedded_model_present() -> bool:
+    """Whether the pack ships its embedded ShapeStories model (until then workflows run on the tiny model)."""
+    return (EMBEDDED_MODEL / "config.json").is_file()
+
+
+def install_tiny_model(converted: Path, models_root: Path, name: str = TINY_MODEL) -> Path:
+    """Copy a converted tiny checkpoint (``helpers_checkpoint.convert_tiny_checkpoint``) into ``models_root/name``
+    with a word-level ShapeStories tokenizer in ``tokenizer/``: a model folder as a user would install one."""
+    from comfy_mm_interleaved.checkpoint import read_config
+    from comfy_mm_interleaved.shapestories import WORDS
+    from comfy_mm_interleaved.tokenizer import build_word_tokenizer
+
+    folder = models_root / name
+    if not (folder / "tokenizer").is_dir():
+        shutil.copytree(converted, folder, dirs_exist_ok=True)
+        config, _ = read_config(folder)
+        tokenizer = build_word_tokenizer([*WORDS, ".", "?"], config.special_tokens, config.orig_vocab_size)
+        tokenizer.save_pretrained(str(folder / "tokenizer"))
+    return folder
 
 
 def free_port() -> int:

@@ -1,0 +1,98 @@
+"""Save an interleaved document: its images as PNG, the document as JSON and a readable HTML page.
+
+Files go to ComfyUI's output folder as ``<prefix>_<counter>_.json`` / ``.html`` with ``<prefix>_<counter>_-NN.png``
+beside them (ComfyUI's counter naming). The JSON is ``Interleaved.to_json``'s format and reloads with
+``Interleaved.from_json``.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from pathlib import Path
+
+import folder_paths
+from comfy_api.latest import io
+
+from comfy_mm_interleaved.inference import Interleaved
+from comfy_mm_interleaved.inference.document import ImagePart
+
+from .context import context_input
+from .types import CATEGORY
+
+PAGE_STYLE = (
+    "body{font-family:sans-serif;max-width:46em;margin:2em auto;line-height:1.5;background:#fafafa}"
+    "img{display:block;margin:1em 0;image-rendering:pixelated;width:256px;border:1px solid #ccc}"
+    "p{margin:.6em 0}.pending{color:#888;font-style:italic}"
+)
+
+
+def html_page(doc: Interleaved, image_files: list[str | None], title: str) -> str:
+    """A standalone HTML page: text segments as paragraphs, images in place (``image_files`` relative paths)."""
+    body, k = [], 0
+    for segment in doc:
+        if isinstance(segment, ImagePart):
+            name = image_files[k]
+            k += 1
+            if name is None:
+                body.append(f'<p class="pending">[image {k}: not generated yet]</p>')
+            else:
+                body.append(f'<img src="{html.escape(name)}" alt="image {k}">')
+        elif segment.text.strip():
+            body.append(f"<p>{html.escape(segment.text.strip())}</p>")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{PAGE_STYLE}</style></head>\n<body>\n<h1>{html.escape(title)}</h1>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )
+
+
+def save_document(doc: Interleaved, output_dir: str, prefix: str) -> tuple[Path, Path, list[Path]]:
+    """Write ``doc`` under ``output_dir`` with ComfyUI's counter naming: ``(json, html, image files)``."""
+    folder, filename, counter, _, _ = folder_paths.get_save_image_path(prefix, output_dir)
+    stem = f"{filename}_{counter:05}_"  # ComfyUI's own pattern, which its counter recognises
+    json_path = doc.to_json(Path(folder) / f"{stem}.json")
+    parts = [s for s in doc if isinstance(s, ImagePart)]
+    names = [None if part.pending else f"{stem}-{k:02d}.png" for k, part in enumerate(parts)]
+    html_path = json_path.with_suffix(".html")
+    html_path.write_text(html_page(doc, names, stem), encoding="utf-8")
+    return json_path, html_path, [json_path.parent / n for n in names if n is not None]
+
+
+class SaveInterleaved(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MMI_SaveInterleaved",
+            display_name="Save interleaved document (HTML)",
+            category=CATEGORY,
+            description="Writes the document's images (PNG), the document (JSON) and a readable HTML page into "
+            "ComfyUI's output folder.",
+            inputs=[
+                context_input("The document to save."),
+                io.String.Input(
+                    "filename_prefix",
+                    default="mm_interleaved/story",
+                    tooltip="Path prefix inside the output folder; a counter is appended.",
+                ),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, context: Interleaved, filename_prefix: str) -> io.NodeOutput:
+        if len(context) == 0:
+            raise ValueError("Save interleaved document: the context is empty, nothing to save")
+        output_dir = folder_paths.get_output_directory()
+        json_path, html_path, images = save_document(context, output_dir, filename_prefix)
+        subfolder = os.path.relpath(json_path.parent, output_dir)
+        subfolder = "" if subfolder == "." else Path(subfolder).as_posix()
+        return io.NodeOutput(
+            ui={
+                "images": [{"filename": p.name, "subfolder": subfolder, "type": "output"} for p in images],
+                "text": [context.to_readable_text()],
+                "html": [Path(os.path.relpath(html_path, output_dir)).as_posix()],
+            }
+        )
