@@ -535,13 +535,14 @@ class InterleavedEngine:
             return advance_full
 
         last_row = self._visibility(context.ids, len(encoded))[:, -1:]
-        mmfs = self._mmfs_inputs(encoded, last_row)
+        by_batch = {1: self._mmfs_inputs(encoded, last_row)}
 
         def advance(tokens: torch.Tensor, origin: torch.Tensor | None) -> torch.Tensor:
-            step_mmfs = mmfs
             if origin is not None:
                 context.cache.reorder_cache(origin)
-                step_mmfs = _expand_mmfs(mmfs, len(tokens))
+            if len(tokens) not in by_batch:
+                by_batch[len(tokens)] = _expand_mmfs(by_batch[1], len(tokens))
+            step_mmfs = by_batch[len(tokens)]
             embeds = model.embed(tokens[:, None], None)
             hidden = model.mm_decoder(inputs_embeds=embeds, cache=context.cache, use_cache=True, mmfs=step_mmfs)
             hidden = hidden.last_hidden_state
@@ -701,8 +702,10 @@ class InterleavedEngine:
 
 
 def _expand_mmfs(mmfs: MMFSInputs, batch: int) -> MMFSInputs:
-    """The same MMFS inputs for ``batch`` rows (beam search)."""
-    values = None if mmfs.values is None else {k: v.expand(batch, *v.shape[1:]) for k, v in mmfs.values.items()}
+    """The same MMFS inputs for ``batch`` rows (beam search; the sampling op needs contiguous values)."""
+    values = None
+    if mmfs.values is not None:
+        values = {k: v.expand(batch, *v.shape[1:]).contiguous() for k, v in mmfs.values.items()}
     features = None if mmfs.features is None else mmfs.features.expand(batch, *mmfs.features.shape[1:])
     visibility = mmfs.visibility.expand(batch, *mmfs.visibility.shape[1:])
     return MMFSInputs(visibility, mmfs.spatial_shapes, mmfs.level_start_index, features, values)
