@@ -320,7 +320,7 @@ def tune_triton(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
     time_it = timer(device, 2, max(5, args.repeats // 2))
     default = launch_config(case.sampling_locations.shape[1], case.sampling_locations.shape[4], case.value.shape[3])
     results = []
-    for block_q in (1, 2, 4, 8, 16):
+    for block_q in (2, 4, 8, 16):
         for warps in (2, 4, 8):
             entry = {"block_q": block_q, "num_warps": warps, "default": (block_q, warps) == (default[0], default[3])}
             try:
