@@ -12,7 +12,7 @@ at the LLM-side shape: the unfused path (plan tensors + op) against the fused Tr
     python bench/kernel.py                                  # GPU when present, else CPU at --scale 1/64
     python bench/kernel.py --device cpu --scale 0.02        # 2-core CPU box
     python bench/kernel.py --device cuda --json $OUT/kernel_bench.json
-    python bench/kernel.py --device cuda --tune-only          # BLOCK_Q x num_warps sweep of the Triton kernels
+    python bench/kernel.py --device cuda --tune-only        # BLOCK_Q x num_warps sweep of the Triton kernels
 """
 
 from __future__ import annotations
