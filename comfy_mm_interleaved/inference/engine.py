@@ -185,6 +185,7 @@ class InterleavedEngine:
         placement: Placement | None = None,
         caching: CachePolicy | None = None,
         max_cached_images: int = 256,
+        offload_budget_bytes: int | None = None,
     ) -> None:
         self.model = model.eval()
         self.config: MMInterleavedConfig = model.config
@@ -192,7 +193,7 @@ class InterleavedEngine:
         self.tokenizer = tokenizer
         self.placement = placement or _placement_of(model)
         self.caching = caching or CachePolicy()
-        self.offloader = Offloader(model, self.placement)
+        self.offloader = Offloader(model, self.placement, offload_budget_bytes)
         self.peak_memory = PeakMemory(self._devices())
         self.max_cached_images = max_cached_images
         self.stats = EngineStats()
@@ -210,12 +211,14 @@ class InterleavedEngine:
         offload: bool | str = False,
         resident_layers: int | None = None,
         caching: CachePolicy | None = None,
+        offload_budget_bytes: int | None = None,
     ) -> InterleavedEngine:
         """Load a model folder (``None``: the embedded default model) and its ``tokenizer/`` subfolder.
 
         ``dtype``: float32 / bfloat16 / float16 (the VAE stays float32); ``device``: one device or a map over groups
         / components (see :mod:`.memory`), default CUDA when available; ``offload``: False, ``"model"``,
-        ``"sequential"`` or True (sequential, resident layers from the free memory)."""
+        ``"sequential"`` or True (sequential; ``resident_layers`` LLM layers stay on the device, by default as
+        many as fit in ``offload_budget_bytes``, itself by default the device's free memory less a reserve)."""
         folder = resolve_model_dir(model_dir)
         placement = resolve_placement(dtype, device, offload, resident_layers)
         tokenizer_dir = folder / TOKENIZER_FOLDER
@@ -229,7 +232,7 @@ class InterleavedEngine:
         if model.image_decoder is not None:
             model.image_decoder.decoder.vae.float()  # FLOAT32_COMPONENTS: the official VAE runs in float32
         tokenizer = load_tokenizer(tokenizer_dir, model.config.special_tokens)
-        return cls(model, tokenizer, placement=placement, caching=caching)
+        return cls(model, tokenizer, placement=placement, caching=caching, offload_budget_bytes=offload_budget_bytes)
 
     # ------------------------------------------------------------------------------------------------------
     # devices and phases

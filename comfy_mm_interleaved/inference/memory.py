@@ -181,7 +181,8 @@ class _Swappable:
         for param in parameters:
             self.entries.append((None, "", param, self._master(param), True))
         self.nbytes = sum(master.numel() * master.element_size() for *_, master, _ in self.entries)
-        self.loaded = False
+        self.loaded = True
+        self.drop()  # the weights now live in their masters (the originals can be freed)
 
     def _master(self, tensor: torch.Tensor) -> torch.Tensor:
         master = tensor.detach().to("cpu")
@@ -313,12 +314,12 @@ def resident_layers_for_budget(model: nn.Module, budget_bytes: int, runtime_byte
 
 
 class PeakMemory:
-    """Peak memory per phase: ``torch.cuda.max_memory_allocated`` on each CUDA device used (reset at each phase
-    start), and the process's peak resident set size (never reset by the OS)."""
+    """Peak memory per phase: ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved`` on each CUDA device
+    used (reset at each phase start), and the process's peak resident set size (never reset by the OS)."""
 
     def __init__(self, devices: Iterable[torch.device]) -> None:
         self.cuda = sorted({d for d in devices if d.type == "cuda"}, key=str)
-        self.phases: dict[str, dict[str, int]] = {}
+        self.phases: dict[str, dict[str, dict[str, int]]] = {}  # phase -> device -> allocated / reserved
 
     @contextlib.contextmanager
     def measure(self, phase: str) -> Iterator[None]:
@@ -329,15 +330,21 @@ class PeakMemory:
         finally:
             record = self.phases.setdefault(phase, {})
             for device in self.cuda:
-                peak = torch.cuda.max_memory_allocated(device)
-                record[str(device)] = max(record.get(str(device), 0), peak)
+                peaks = record.setdefault(str(device), {"allocated": 0, "reserved": 0})
+                peaks["allocated"] = max(peaks["allocated"], torch.cuda.max_memory_allocated(device))
+                peaks["reserved"] = max(peaks["reserved"], torch.cuda.max_memory_reserved(device))
+
+    def peak(self, kind: str = "allocated") -> dict[str, int]:
+        """Per CUDA device, the largest peak over all phases."""
+        return {
+            str(d): max((p[str(d)][kind] for p in self.phases.values() if str(d) in p), default=0) for d in self.cuda
+        }
 
     def report(self) -> dict:
         return {
-            "cuda_peak_bytes_per_phase": self.phases if self.cuda else {},
-            "cuda_peak_bytes": {
-                str(d): max((p.get(str(d), 0) for p in self.phases.values()), default=0) for d in self.cuda
-            },
+            "cuda_peak_per_phase": self.phases,
+            "cuda_peak_allocated_bytes": self.peak("allocated"),
+            "cuda_peak_reserved_bytes": self.peak("reserved"),
             "process_peak_rss_bytes": process_peak_rss(),
         }
 
