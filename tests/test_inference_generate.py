@@ -29,6 +29,7 @@ from comfy_mm_interleaved.inference.memory import (
     estimate_peaks,
     resolve_placement,
 )
+from comfy_mm_interleaved.models.visual_tokenizer import center_crop_resize
 
 from .conftest import REPO_ROOT, assert_close
 from .test_inference_support import (
@@ -161,6 +162,27 @@ def test_schedulers_and_several_images_per_call(engine, config) -> None:
         first, second = engine.generate_images(doc, options), engine.generate_images(doc, options)
         assert first.images[0].size == (size, size)
         assert torch.equal(first.tensors, second.tensors), scheduler
+
+
+def test_images_of_any_size_are_center_cropped_like_the_official_transform(engine) -> None:
+    big = noise_image(12, (500, 260))
+    size = engine.config.visual_tokenizer.encoder.image_size
+    cropped = center_crop_resize(big, size)
+    assert cropped.size == (size, size)
+    ours, reference = engine.encode_images([big, cropped])
+    assert ours.key != reference.key
+    assert torch.equal(ours.vis_embed, reference.vis_embed)
+
+
+def test_bfloat16_weights_generate_text_and_images(model_dir, config) -> None:  # noqa: F811
+    engine = InterleavedEngine.from_pretrained(model_dir, dtype="bfloat16", device="cpu")
+    assert engine.model.mm_decoder.embed_tokens.weight.dtype == torch.bfloat16
+    assert engine.model.image_decoder.decoder.unet.dtype == torch.bfloat16
+    assert engine.model.image_decoder.decoder.vae.dtype == torch.float32  # the official VAE runs in float32
+    doc = Interleaved([noise_image(13), text_of(config, 2)])
+    assert len(engine.generate_text(doc, TextOptions(max_new_tokens=3, min_new_tokens=3)).token_ids) == 3
+    drawn = engine.generate_images(doc, ImageOptions(num_inference_steps=1))
+    assert torch.isfinite(drawn.tensors).all() and drawn.tensors.dtype == torch.float32
 
 
 # ------------------------------------------------------------------------------------------------------------
