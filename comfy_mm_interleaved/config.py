@@ -264,6 +264,148 @@ class MMInterleavedConfig(_ConfigBase):
         return cls()
 
     @classmethod
+    def tiny(
+        cls,
+        vocab_size: int,
+        *,
+        image_size: int = 32,
+        patch_size: int = 8,
+        vision_width: int = 32,
+        vision_layers: int = 4,
+        num_img_token: int = 8,
+        llm_width: int = 64,
+        llm_layers: int = 2,
+        mmfs_every: int = 2,
+        decoder_image_size: int = 64,
+        unet_channels: tuple[int, int, int, int] = (4, 8, 16, 16),
+        decoder_width: int = 32,
+        prompt_length: int = 77,
+    ) -> MMInterleavedConfig:
+        """The real architecture at a size that trains a step in a fraction of a second on one CPU thread (tests,
+        benchmarks, and the starting point of the embedded ShapeStories model). Every part and code path is there:
+        CLIP ViT + ViT-Adapter pyramid, Q-Former visual resampler, LLaMA with MMFS layers, context Q-Former, UNet
+        with MMFSNet, VAE, text head.
+
+        ``vocab_size``: the tokenizer's vocabulary without BOI / ``<|image|>`` (``orig_vocab_size``); ids are
+        ``<s>`` 1, ``</s>`` 2, pad ``vocab_size - 1`` (an ordinary id, as 31999 in the release), BOI ``vocab_size``,
+        ``<|image|>`` ``vocab_size + 1`` (``build_word_tokenizer(words, config.special_tokens, vocab_size)`` needs
+        ``vocab_size >= len(words) + 4``). ``image_size`` / ``patch_size``: the encoder's input and ViT grid
+        ``g = image_size // patch_size`` (even; the adapter pyramid is 4g, 2g, g, g/2 and the LLM's MMFS reads the
+        last three); ``vision_layers``: ViT depth, split into the adapter's 4 layer groups (a multiple of 4);
+        ``num_img_token``: visual tokens per image; ``llm_layers`` / ``mmfs_every``: LLaMA depth and MMFS in layers
+        0, k, 2k, ...; ``decoder_image_size``: the diffusion side's images (64 to 512, dividing 512: the official
+        MMFSNet shape rule); ``unet_channels``: UNet and VAE block widths (4 blocks, even); ``decoder_width``: the
+        UNet's cross-attention width (= context Q-Former width); ``prompt_length``: the context Q-Former's queries.
+        Heads, MMFS points and the remaining hyper-parameters are fixed at small values or the official ones.
+        """
+        if vocab_size < 5:
+            raise ValueError(f"vocab_size must hold <unk>, <s>, </s>, pad and a word (>= 5), got {vocab_size}")
+        grid = image_size // patch_size
+        if image_size % patch_size or grid < 2 or grid % 2:
+            raise ValueError(f"image_size / patch_size must be an even integer >= 2, got {image_size} / {patch_size}")
+        if vision_layers < 4 or vision_layers % 4:
+            raise ValueError(f"vision_layers must be a multiple of 4 (the adapter's 4 groups), got {vision_layers}")
+        if decoder_image_size < 64 or 512 % decoder_image_size:
+            raise ValueError(f"decoder_image_size must divide 512 and be >= 64, got {decoder_image_size}")
+        if len(unet_channels) != 4 or any(c % 2 for c in unet_channels):
+            raise ValueError(f"unet_channels must be 4 even widths, got {unet_channels}")
+        per_group = vision_layers // 4
+        heads = 4
+        vision = VisionEncoderConfig(
+            hidden_size=vision_width,
+            intermediate_size=2 * vision_width,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=heads,
+            image_size=image_size,
+            patch_size=patch_size,
+            conv_inplane=16,
+            deform_num_heads=heads,
+            interaction_indexes=[[i * per_group, (i + 1) * per_group - 1] for i in range(4)],
+        )
+        visual_resampler = QFormerConfig(
+            num_queries=num_img_token,
+            hidden_size=llm_width,
+            encoder_hidden_size=vision_width,
+            num_hidden_layers=2,
+            num_attention_heads=heads,
+            intermediate_size=2 * llm_width,
+            qk_normalization=True,
+        )
+        llm = LLMConfig(
+            hidden_size=llm_width,
+            intermediate_size=int(llm_width * 11 / 4),
+            num_hidden_layers=llm_layers,
+            num_attention_heads=heads,
+            mmfs_every=mmfs_every,
+            mmfs=MMFSConfig(
+                n_heads=heads,
+                n_points=4,
+                spatial_shapes=[2 * grid, grid, grid // 2],
+                base_spatial_shape=grid,
+                value_dim=vision_width,
+            ),
+        )
+        decoder_resampler = QFormerConfig(
+            num_queries=prompt_length,
+            hidden_size=decoder_width,
+            encoder_hidden_size=llm_width,
+            cross_attention_frequency=1,
+            num_hidden_layers=1,
+            num_attention_heads=heads,
+            intermediate_size=2 * decoder_width,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+        latent_size = decoder_image_size // 8
+        unet = {
+            **_sd21_unet(),
+            "sample_size": latent_size,
+            "block_out_channels": list(unet_channels),
+            "norm_num_groups": 2,
+            "cross_attention_dim": decoder_width,
+            "attention_head_dim": [max(1, c // 4) for c in unet_channels],
+        }
+        vae = {
+            **_sd21_vae(),
+            "block_out_channels": list(unet_channels),
+            "norm_num_groups": 2,
+            "sample_size": decoder_image_size,
+        }
+        decoder = ImageDecoderConfig(
+            image_size=decoder_image_size,
+            prompt_length=prompt_length,
+            resampler=decoder_resampler,
+            unet=unet,
+            vae=vae,
+            mmfs=MMFSConfig(
+                n_heads=heads,
+                n_points=4,
+                spatial_shapes=[64, 32, 16, 8],
+                base_spatial_shape=64,
+                offset_init_magnitude=1.0,
+                max_num_images=10,
+                value_dim=2 * vision_width,
+            ),
+        )
+        return cls(
+            orig_vocab_size=vocab_size,
+            txt_vocab_size=vocab_size + 2,
+            num_img_token=num_img_token,
+            image_embed_dim=vision_width,
+            encoder_image_size=image_size,
+            special_tokens=SpecialTokens(
+                bos_token_id=1,
+                eos_token_id=2,
+                pad_token_id=vocab_size - 1,
+                boi_token_id=vocab_size,
+                image_token_id=vocab_size + 1,
+            ),
+            visual_tokenizer=VisualTokenizerConfig(encoder=vision, resampler=visual_resampler),
+            llm=llm,
+            image_decoder=decoder,
+        )
+
+    @classmethod
     def from_official_tiny(cls, tiny_config_json: str | Path) -> MMInterleavedConfig:
         """Read the golden fixtures' ``tiny_config.json`` (official yaml vocabulary)."""
         raw = json.loads(Path(tiny_config_json).read_text())

@@ -103,12 +103,15 @@ def text_targets(
     tokens: SpecialTokens,
     ignore_text_without_image: bool = False,
     prompt_length: int | torch.Tensor = 0,
+    text_loss_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next-token targets [B, L-1] with ``IGNORE_INDEX`` where the official model computes no loss.
 
-    Ignored: pad, ``<|image|>``, masked positions, ``<s>``, a BOI right after ``<s>``, the first
-    ``prompt_length`` tokens of each row (int or [B]), and with ``ignore_text_without_image`` every token with no
-    BOI at or before it in its document.
+    ``targets[:, j]`` is token ``j + 1``, predicted at position ``j``. Ignored: pad, ``<|image|>``, masked
+    positions, ``<s>``, a BOI right after ``<s>``, the first ``prompt_length`` tokens of each row (int or [B]),
+    with ``ignore_text_without_image`` every token with no BOI at or before it in its document, and every token
+    ``t`` with ``text_loss_mask[:, t] == 0`` (``text_loss_mask`` [B, L] indexes the *target* token, the way the
+    data marks SFT prompt tokens; column 0 is never a target and is not read).
     """
     targets = text_ids.clone()
     positions = torch.arange(text_ids.shape[1], device=text_ids.device)
@@ -126,6 +129,13 @@ def text_targets(
         | (nxt == tokens.bos_token_id)
         | ((prev == tokens.bos_token_id) & (nxt == tokens.boi_token_id))
     )
+    if text_loss_mask is not None:
+        if text_loss_mask.shape != text_ids.shape:
+            raise ValueError(
+                f"text_loss_mask {tuple(text_loss_mask.shape)} must match text_ids {tuple(text_ids.shape)} "
+                "(1 where token t may be a text-loss target)"
+            )
+        ignore = ignore | (text_loss_mask[:, 1:].to(text_ids.device) == 0)
     return targets[:, 1:].masked_fill(ignore, IGNORE_INDEX)
 
 

@@ -128,6 +128,7 @@ class MMInterleaved(nn.Module):
         loss_txt_weight: float | None = None,
         loss_img_weight: float | None = None,
         visual: VisualTokenizerOutput | None = None,
+        text_loss_mask: torch.Tensor | None = None,
     ) -> MMInterleavedOutput:
         """One training step's losses.
 
@@ -138,8 +139,9 @@ class MMInterleaved(nn.Module):
         image's document start (computed from the <s> tokens if None); ``dataset_name`` (or
         ``meta["dataset_name"]``) selects the official "ignore text without image" rule; ``draws``: the diffusion
         step's random draws (drawn if None); ``ignore_prompt_token_offset``: the first tokens of every row (int or
-        [B]) are not text targets; ``image_loss_mask`` [n] drops images from the image loss; the loss weights
-        override the config's.
+        [B]) are not text targets; ``text_loss_mask`` [B, L]: 0 where token t must not be a text target (SFT
+        prompts, any turn of any packed document; it indexes the target token, on top of the official ignore
+        rules); ``image_loss_mask`` [n] drops images from the image loss; the loss weights override the config's.
         """
         attention_mask = self._check_text(text_ids, attention_mask)
         layout = self._layout(text_ids, num_image_per_seq)
@@ -161,6 +163,7 @@ class MMInterleaved(nn.Module):
             self.config.special_tokens,
             ignore_text_without_image=dataset_name in self.config.dataset_to_ignore_noimage_cond_loss,
             prompt_length=ignore_prompt_token_offset,
+            text_loss_mask=text_loss_mask,
         )
         loss_txt = text_loss(logits, targets)
         txt_weight = self.config.loss_txt_weight if loss_txt_weight is None else loss_txt_weight
