@@ -123,13 +123,13 @@ class ProgressBar:
 
 def run_generate(args: argparse.Namespace) -> int:
     from .document import load_documents
-    from .engine import InterleavedEngine
 
     text_options, image_options = _options(args)
     docs = load_documents(args.input)
     for number, doc in enumerate(docs, start=1):
         if doc.without_pending_image().is_empty():
             raise ValueError(f"{args.input}: document {number} is empty (no text and no image)")
+    from .engine import InterleavedEngine  # transformers and diffusers load only once the input is valid
     start = time.perf_counter()
     engine = InterleavedEngine.from_pretrained(args.model, dtype=args.dtype, device=args.device, offload=args.offload)
     load_seconds = time.perf_counter() - start

@@ -11,8 +11,6 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..models.diffusion import SCHEDULERS
-
 
 def _require(condition: bool, message: str) -> None:
     if not condition:
@@ -91,6 +89,8 @@ class ImageOptions:
     width: int | None = None
 
     def validate(self, image_size: int) -> None:
+        from ..models.diffusion import SCHEDULERS  # diffusers loads only when images are drawn
+
         _require(
             isinstance(self.num_inference_steps, int) and self.num_inference_steps >= 1,
             f"num_inference_steps must be >= 1, got {self.num_inference_steps}",
