@@ -130,6 +130,7 @@ def run_generate(args: argparse.Namespace) -> int:
         if doc.without_pending_image().is_empty():
             raise ValueError(f"{args.input}: document {number} is empty (no text and no image)")
     from .engine import InterleavedEngine  # transformers and diffusers load only once the input is valid
+
     start = time.perf_counter()
     engine = InterleavedEngine.from_pretrained(args.model, dtype=args.dtype, device=args.device, offload=args.offload)
     load_seconds = time.perf_counter() - start

@@ -175,7 +175,11 @@ def resolve_model_dir(model_dir: str | Path | None) -> Path:
 
 
 class InterleavedEngine:
-    """Holds the model, its tokenizer and every reusable cache; see the module docstring."""
+    """Holds the model, its tokenizer and every reusable cache; see the module docstring.
+
+    ``max_cached_images``: encoded images kept (least recently used dropped first; at 13B in bf16 an image costs
+    about 40 MB: its pyramid and its per-layer MMFS values).
+    """
 
     def __init__(
         self,
@@ -184,7 +188,7 @@ class InterleavedEngine:
         *,
         placement: Placement | None = None,
         caching: CachePolicy | None = None,
-        max_cached_images: int = 256,
+        max_cached_images: int = 32,
         offload_budget_bytes: int | None = None,
     ) -> None:
         self.model = model.eval()
@@ -230,7 +234,7 @@ class InterleavedEngine:
         devices = {c: str(d) for c, d in placement.component_devices().items()}
         model = checkpoint.from_pretrained(folder, dtype=placement.dtype, device=devices)
         if model.image_decoder is not None:
-            model.image_decoder.decoder.vae.float()  # FLOAT32_COMPONENTS: the official VAE runs in float32
+            model.image_decoder.decoder.vae.float()  # the official pipeline decodes in float32 (memory.py)
         tokenizer = load_tokenizer(tokenizer_dir, model.config.special_tokens)
         return cls(model, tokenizer, placement=placement, caching=caching, offload_budget_bytes=offload_budget_bytes)
 
