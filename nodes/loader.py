@@ -160,5 +160,14 @@ class LoadModel(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, model: str) -> bool | str:
+        # ComfyUI 0.3.75 checks the options of classic combos only, not of V3 ones: without this, a workflow naming
+        # a model this installation lacks would fail only when it runs.
+        names = model_folder.model_names()
+        if model is None or model in names:  # None: the value arrives through a link
+            return True
+        return f"no MM-Interleaved model {model!r} here; installed: {names} (folders under models/mm_interleaved/)"
+
+    @classmethod
     def execute(cls, model: str, dtype: str, device: str) -> io.NodeOutput:
         return io.NodeOutput(load_model(model, dtype, device))

@@ -37,7 +37,24 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED_MODEL = REPO_ROOT / "comfy_mm_interleaved" / "embedded"
 TINY_MODEL = "tiny"
+WORKFLOWS = REPO_ROOT / "workflows"
+WORKFLOW_NAMES = ("captioning", "visual_question_answering", "text_to_image", "story_continuation", "interleaved_story")
 PACK_NAME = "comfy_mm_interleaved"
+NODE_IDS = frozenset(
+    {
+        "MMI_LoadModel",
+        "MMI_EncodeImages",
+        "MMI_StartContext",
+        "MMI_AppendText",
+        "MMI_AppendImage",
+        "MMI_ContextToText",
+        "MMI_GenerateText",
+        "MMI_GenerateImage",
+        "MMI_GenerateInterleaved",
+        "MMI_SaveInterleaved",
+        "MMI_ShapeStoriesImage",
+    }
+)
 MODELS_FOLDER = "mm_interleaved"
 START_TIMEOUT_S = 120.0
 
@@ -68,6 +85,20 @@ def embedded_model_present() -> bool:
     return (EMBEDDED_MODEL / "config.json").is_file()
 
 
+def workflow_model() -> str:
+    """The model the example workflows run on in tests: the embedded one once it ships, else the tiny one."""
+    return "embedded" if embedded_model_present() else TINY_MODEL
+
+
+def api_workflow(name: str, model: str | None = None) -> dict[str, Any]:
+    """``workflows/api/<name>.json`` with every loader pointed at ``model`` (default :func:`workflow_model`)."""
+    prompt = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+    for node in prompt.values():
+        if node["class_type"] == "MMI_LoadModel":
+            node["inputs"]["model"] = model or workflow_model()
+    return prompt
+
+
 def install_tiny_model(converted: Path, models_root: Path, name: str = TINY_MODEL) -> Path:
     """Copy a converted tiny checkpoint (``helpers_checkpoint.convert_tiny_checkpoint``) into ``models_root/name``
     with a word-level ShapeStories tokenizer in ``tokenizer/``: a model folder as a user would install one."""
@@ -82,6 +113,11 @@ def install_tiny_model(converted: Path, models_root: Path, name: str = TINY_MODE
         tokenizer = build_word_tokenizer([*WORDS, ".", "?"], config.special_tokens, config.orig_vocab_size)
         tokenizer.save_pretrained(str(folder / "tokenizer"))
     return folder
+
+
+def artifacts_dir() -> Path:
+    """Where tests keep artifacts (screenshots): ``$MMI_TEST_ARTIFACTS`` or ``output/test-artifacts``."""
+    return Path(os.environ.get("MMI_TEST_ARTIFACTS", REPO_ROOT / "output" / "test-artifacts"))
 
 
 def free_port() -> int:
@@ -346,3 +382,175 @@ def shared_server() -> ComfyUIServer:
 
     atexit.register(stop_and_clean)
     return server.start()
+
+
+def server_with_tiny_model(converted_tiny: Path) -> ComfyUIServer:
+    """The shared server with the tiny model under its extra model path (``helpers_checkpoint`` conversion)."""
+    server = shared_server()
+    install_tiny_model(converted_tiny, server.extra_models)
+    return server
+
+
+def new_history_entry(server: ComfyUIServer, known: set[str], timeout: float = 120.0) -> dict[str, Any]:
+    """The first finished history entry whose id is not in ``known`` (a prompt queued by someone else: the UI)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        fresh = [k for k in server.get("/history") if k not in known]
+        if fresh:
+            return server.wait(fresh[0], max(1.0, deadline - time.monotonic()))
+        time.sleep(0.1)
+    raise ComfyUIError(f"no new prompt appeared in /history within {timeout:.0f} s")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The real frontend in headless Chromium (Debian's chromium + chromium-driver, selenium from PyPI)
+
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1600,1000",
+)
+# Console errors that are no fault of a workflow: missing optional user files, and the frontend's calls to
+# api.comfy.org, which --disable-api-nodes blocks by Content Security Policy.
+BENIGN_CONSOLE = ("user.css", "favicon", "userdata", "404 (Not Found)", "Connecting to 'https://api.comfy.org/")
+
+
+def browser_unavailable() -> str | None:
+    """Why the browser tests cannot run here (None when they can)."""
+    missing = [name for name in ("chromium", "chromedriver") if shutil.which(name) is None]
+    if missing:
+        return f"{' and '.join(missing)} not installed (apt-get install chromium chromium-driver)"
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed in this Python environment (pip install selenium)"
+    return None
+
+
+class Browser:
+    """The ComfyUI frontend of ``server`` in headless Chromium, driven through ``window.app``."""
+
+    def __init__(self, server: ComfyUIServer, node_type: str = "MMI_LoadModel", timeout: float = 90.0) -> None:
+        os.environ.setdefault("SE_OFFLINE", "true")  # never let selenium fetch a driver: use Debian's
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+
+        server.request("POST", "/settings/Comfy.TutorialCompleted", True)  # no first-run dialog
+        options = webdriver.ChromeOptions()
+        options.binary_location = shutil.which("chromium")
+        for flag in CHROMIUM_FLAGS:
+            options.add_argument(flag)
+        self.profile = tempfile.mkdtemp(prefix="mmi_chromium_")
+        options.add_argument(f"--user-data-dir={self.profile}")
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+        self.driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
+        self.driver.set_script_timeout(timeout)
+        self.server = server
+        self.driver.get(server.url + "/")
+        self.wait_js(f"return !!(window.app && window.LiteGraph && LiteGraph.registered_node_types[{node_type!r}])")
+        # the frontend's own start-up errors (1.32.9 logs a TypeError in GraphView's load), kept apart from what
+        # the tests do afterwards
+        self.startup_console = self.console_errors()
+
+    def wait_js(self, condition: str, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.driver.execute_script(condition):
+                return
+            time.sleep(0.25)
+        raise ComfyUIError(f"the frontend never satisfied {condition!r} within {timeout:.0f} s")
+
+    def run_async(self, body: str, *args: Any) -> Any:
+        """Run ``body`` (an async JS function body using ``args``) and return its result (errors raise)."""
+        script = (
+            "const done = arguments[arguments.length - 1];"
+            f"(async (args) => {{ {body} }})(Array.from(arguments).slice(0, -1))"
+            ".then(value => done({value}), error => done({error: String(error && error.stack || error)}));"
+        )
+        result = self.driver.execute_async_script(script, *args)
+        if "error" in result:
+            raise ComfyUIError(f"frontend script failed: {result['error']}")
+        return result.get("value")
+
+    def load_ui(self, workflow: dict[str, Any], name: str) -> None:
+        """Open a UI-format workflow as a tab named ``name`` (as opening the file or the template does)."""
+        self.run_async("await app.loadGraphData(args[0], true, true, args[1]);", workflow, name)
+
+    def fit_view(self) -> None:
+        self.run_async("await app.extensionManager.command.execute('Comfy.Canvas.FitView');")
+
+    def node_outputs(self, node_ids: set[str], timeout: float = 30.0) -> dict[str, Any]:
+        """What the frontend received for ``node_ids`` from the last run (images, text), once all arrived."""
+        script = "return JSON.parse(JSON.stringify(app.nodeOutputs || {}));"
+        deadline = time.monotonic() + timeout
+        while True:
+            outputs = self.driver.execute_script(script)
+            if node_ids <= set(outputs) or time.monotonic() > deadline:
+                return {k: v for k, v in outputs.items() if k in node_ids}
+            time.sleep(0.1)
+
+    def ui_from_api(self, prompt: dict[str, Any], name: str) -> dict[str, Any]:
+        """The frontend's own UI-format graph of an API prompt (seed controls set to 'fixed')."""
+        return self.run_async(
+            "await app.loadApiJson(args[0], args[1]);"
+            "for (const node of app.graph.nodes) for (const w of node.widgets || [])"
+            "  if (w.name === 'control_after_generate') w.value = 'fixed';"
+            "return JSON.parse(JSON.stringify(app.graph.serialize()));",  # as a saved file: no undefined fields
+            prompt,
+            name,
+        )
+
+    def graph_to_prompt(self) -> dict[str, Any]:
+        return self.run_async("return (await app.graphToPrompt()).output;")
+
+    def set_widget(self, node_type: str, widget: str, value: Any) -> None:
+        self.run_async(
+            "for (const node of app.graph.nodes) if (node.type === args[0])"
+            "  node.widgets.find(w => w.name === args[1]).value = args[2];",
+            node_type,
+            widget,
+            value,
+        )
+
+    def queue(self) -> None:
+        """Queue the loaded graph as the Run button does."""
+        self.run_async("await app.queuePrompt(0, 1);")
+
+    def screenshot(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.driver.save_screenshot(str(path))
+        return path
+
+    def console_errors(self) -> list[str]:
+        """SEVERE console messages since the last call, benign ones left out."""
+        severe = [e["message"] for e in self.driver.get_log("browser") if e["level"] == "SEVERE"]
+        return [m for m in severe if not any(b in m for b in BENIGN_CONSOLE)]
+
+    def close(self) -> None:
+        self.driver.quit()
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+def write_ui_workflows() -> None:
+    """Regenerate ``workflows/<name>.json`` from the API twins through the real frontend (its own layout)."""
+    server = shared_server()
+    browser = Browser(server)
+    try:
+        for name in WORKFLOW_NAMES:
+            prompt = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+            ui = browser.ui_from_api(prompt, f"{name}.json")
+            ui["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{PACK_NAME}/workflows/{name}"))  # stable per workflow
+            (WORKFLOWS / f"{name}.json").write_text(json.dumps(ui, indent=2) + "\n")
+            print(f"wrote {WORKFLOWS / f'{name}.json'}")
+    finally:
+        browser.close()
+
+
+if __name__ == "__main__":  # .venv/bin/python -m tests.comfyui_harness   (from the repository root)
+    write_ui_workflows()
