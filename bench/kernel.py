@@ -56,7 +56,7 @@ SHAPES = {
     "detr_encoder": (1, 15200, 8, 32, [(100, 152), (50, 76), (25, 38), (13, 19)], 8, 0),
 }
 # relative-L2 bound of an implementation against the fp32 reference, by value dtype
-CHECK_BOUND = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+CHECK_BOUND = {torch.float32: 3e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
 @dataclass

@@ -231,6 +231,8 @@ def _common(value, spatial_shapes, level_start_index, ref, att_token, recency, b
     lq, n_img = recency.shape[1], recency.shape[2]
     levels, n_points = att_token.shape[3], att_token.shape[4] - 1
     bq, bp, bd, warps = launch_config(lq, n_points, d, block_q, num_warps)
+    if num_warps is None:  # the fused kernels were not part of the sweep: keep 4 warps for 64-row x 64-wide tiles
+        warps = 4 if bq * bp * bd >= 4096 else 2
     meta = dict(
         S=s, Lq=lq, M=m, P=n_points, D=d, n_img=n_img, ref_batch_stride=0 if ref.shape[0] == 1 else lq,
         L_IMG=levels, BLOCK_Q=bq, BLOCK_P=bp, BLOCK_D=bd, num_warps=warps,

@@ -228,15 +228,33 @@ def compute_tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def launch_config(lq: int, n_points: int, d: int, block_q: int | None = None, num_warps: int | None = None):
-    """(BLOCK_Q, BLOCK_P, BLOCK_D, num_warps): about 64 sampling rows per program (32 for wide heads)."""
+def launch_config(
+    lq: int,
+    n_points: int,
+    d: int,
+    block_q: int | None = None,
+    num_warps: int | None = None,
+    backward: bool = False,
+    value_bytes: int = 2,
+):
+    """(BLOCK_Q, BLOCK_P, BLOCK_D, num_warps).
+
+    Forward: about 64 sampling rows per program (32 for wide heads); 2 warps while a corner tile of 16-bit values
+    is at most 8 KiB, 4 warps for wider tiles (fp32 values on 2 warps spill registers: 8x slower on an H100).
+    Backward: 16 rows on 8 warps, which spreads one program's grad_value atomics over more threads. Chosen from the
+    BLOCK_Q x num_warps sweep on an H100 at the LLM-side MMFS shape (docs/BENCHMARKS.md, "Deformable sampling op").
+    """
     block_p = triton.next_power_of_2(n_points)
     block_d = triton.next_power_of_2(d)
     if block_q is None:
-        rows = 32 if block_d > 64 else 64
+        rows = 16 if backward else (32 if block_d > 64 else 64)
         block_q = max(1, min(rows // block_p, triton.next_power_of_2(max(lq, 1))))
     if num_warps is None:
-        num_warps = 4 if block_q * block_p * block_d >= 4096 else 2
+        tile_bytes = block_q * block_p * block_d * value_bytes
+        if backward:
+            num_warps = 8 if block_q * block_p * block_d >= 1024 else 2
+        else:
+            num_warps = 4 if tile_bytes >= 16384 else 2
     return block_q, block_p, block_d, num_warps
 
 
@@ -260,7 +278,7 @@ def msda_forward(
     if out.numel() == 0:
         return out.zero_()
     shapes, starts = _level_tables(spatial_shapes, level_start_index)
-    bq, bp, bd, warps = launch_config(lq, n_points, d, block_q, num_warps)
+    bq, bp, bd, warps = launch_config(lq, n_points, d, block_q, num_warps, value_bytes=value.element_size())
     grid = (triton.cdiv(lq, bq), m, n)
     msda_forward_kernel[grid](
         value, shapes, starts, sampling_locations, attention_weights, out,
@@ -289,7 +307,7 @@ def msda_backward(
     grad_attn = torch.zeros_like(attention_weights)
     if grad_loc.numel() and value.numel():
         shapes, starts = _level_tables(spatial_shapes, level_start_index)
-        bq, bp, bd, warps = launch_config(lq, n_points, d, block_q, num_warps)
+        bq, bp, bd, warps = launch_config(lq, n_points, d, block_q, num_warps, backward=True)
         grid = (triton.cdiv(lq, bq), m, n)
         msda_backward_kernel[grid](
             value, shapes, starts, sampling_locations, attention_weights, grad_output.contiguous(),
