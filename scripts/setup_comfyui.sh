@@ -62,5 +62,22 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     "$PY" -m pip install --quiet --disable-pip-version-check -c constraints.txt "${PACKAGES[@]}"
     echo "$want" > "$stamp"
 fi
+# The browser tests drive ComfyUI's real frontend in Debian's headless Chromium through selenium. Best effort:
+# without them those tests are skipped with the reason printed. MMI_NO_BROWSER=1 skips this step.
+if [ -z "${MMI_NO_BROWSER:-}" ]; then
+    if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            echo "[setup-comfyui] installing chromium + chromium-driver for the browser tests (apt-get)" >&2
+            { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver; } \
+                >/dev/null 2>&1 || echo "[setup-comfyui] could not install chromium: browser tests will be skipped" >&2
+        else
+            echo "[setup-comfyui] chromium/chromedriver missing and apt-get unusable: browser tests will be skipped" >&2
+        fi
+    fi
+    if ! "$PY" -c "import selenium" 2>/dev/null; then
+        SE_OFFLINE=true "$PY" -m pip install --quiet --disable-pip-version-check -c constraints.txt selenium \
+            || echo "[setup-comfyui] could not install selenium: browser tests will be skipped" >&2
+    fi
+fi
 echo "[setup-comfyui] ComfyUI $COMFYUI_VERSION ready at $DEST" >&2
 echo "$DEST"

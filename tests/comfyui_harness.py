@@ -179,12 +179,12 @@ class EventListener:
 class ComfyUIServer:
     """One ComfyUI subprocess on a free local port, with its own base folder (see the module docstring)."""
 
-    def __init__(self, base: Path, comfyui: Path | None = None) -> None:
+    def __init__(self, base: Path, comfyui: Path | None = None, output: Path | None = None) -> None:
         self.comfyui = comfyui or comfyui_dir()
         self.base = base
         self.models = base / "models" / MODELS_FOLDER
         self.extra_models = base / "extra_models" / MODELS_FOLDER
-        self.output = base / "output"
+        self.output = (output or base / "output").resolve()
         self.input = base / "input"
         self.log_path = base / "server.log"
         self.port = free_port()
@@ -196,8 +196,8 @@ class ComfyUIServer:
     # --------------------------------------------------------------------------------------------------- lifecycle
 
     def _prepare_base(self) -> None:
-        for folder in ("custom_nodes", "input", "output", "temp", "user"):
-            (self.base / folder).mkdir(parents=True, exist_ok=True)
+        for folder in (self.base / "custom_nodes", self.input, self.output, self.base / "temp", self.base / "user"):
+            folder.mkdir(parents=True, exist_ok=True)
         self.models.mkdir(parents=True, exist_ok=True)
         self.extra_models.mkdir(parents=True, exist_ok=True)
         link = self.base / "custom_nodes" / PACK_NAME
@@ -552,5 +552,55 @@ def write_ui_workflows() -> None:
         browser.close()
 
 
-if __name__ == "__main__":  # .venv/bin/python -m tests.comfyui_harness   (from the repository root)
-    write_ui_workflows()
+def saved_files(server: ComfyUIServer, entry: dict[str, Any]) -> list[Path]:
+    """Every file the output nodes of a finished prompt wrote into the output folder (images, HTML pages)."""
+    files = []
+    for output in entry["outputs"].values():
+        images = [i for i in output.get("images", []) if i["type"] == "output"]
+        files += [server.output / i["subfolder"] / i["filename"] for i in images]
+        files += [server.output / page for page in output.get("html", [])]
+    return list(dict.fromkeys(files))
+
+
+def run_workflow(name: str, output: Path, tiny_from: Path | None = None) -> list[Path]:
+    """Run ``workflows/api/<name>.json`` in a fresh headless ComfyUI whose output folder is ``output``.
+
+    The embedded model by default; ``tiny_from`` (a converted tiny checkpoint folder) runs the tiny model instead.
+    """
+    base = Path(tempfile.mkdtemp(prefix="mmi_comfyui_"))
+    server = ComfyUIServer(base, output=output)
+    try:
+        server.start()
+        model = None
+        if tiny_from is not None:
+            install_tiny_model(tiny_from, server.extra_models)
+            model = TINY_MODEL
+        prompt_id, entry = server.run(api_workflow(name, model), timeout=3600)
+        if entry["status"]["status_str"] != "success":
+            raise ComfyUIError(f"workflow {name} failed: {history_error(entry)}\n{server.log_tail()}")
+        return saved_files(server, entry)
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tests.comfyui_harness", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("ui-workflows", help="regenerate workflows/<name>.json from the API twins in the frontend")
+    run = commands.add_parser("run", help="run one example workflow in a headless ComfyUI and list its files")
+    run.add_argument("workflow", choices=WORKFLOW_NAMES)
+    run.add_argument("--output", type=Path, default=REPO_ROOT / "output" / "comfyui", help="ComfyUI output folder")
+    run.add_argument("--tiny-from", type=Path, help="run the tiny model converted into this folder instead")
+    args = parser.parse_args(argv)
+    if args.command == "ui-workflows":
+        write_ui_workflows()
+        return
+    for path in run_workflow(args.workflow, args.output, args.tiny_from):
+        print(path)
+
+
+if __name__ == "__main__":  # from the repository root: .venv/bin/python -m tests.comfyui_harness --help
+    main()
