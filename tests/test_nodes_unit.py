@@ -27,23 +27,10 @@ from comfy_mm_interleaved.inference.document import ImagePart
 from comfy_mm_interleaved.shapestories import Attributes, caption_sentence, read_image, render_array
 from comfy_mm_interleaved.shapestories.rules import RADIUS_RANGES
 
-from .comfyui_harness import REPO_ROOT, TINY_MODEL, comfyui_dir, install_tiny_model
+from .comfyui_harness import NODE_IDS, REPO_ROOT, TINY_MODEL, comfyui_dir, install_tiny_model
 from .helpers_checkpoint import converted_tiny_checkpoint  # noqa: F401
 
 PACK_MODULE = "mmi_pack_under_test"
-NODE_IDS = {
-    "MMI_LoadModel",
-    "MMI_EncodeImages",
-    "MMI_StartContext",
-    "MMI_AppendText",
-    "MMI_AppendImage",
-    "MMI_ContextToText",
-    "MMI_GenerateText",
-    "MMI_GenerateImage",
-    "MMI_GenerateInterleaved",
-    "MMI_SaveInterleaved",
-    "MMI_ShapeStoriesImage",
-}
 
 
 def load_pack() -> ModuleType:
