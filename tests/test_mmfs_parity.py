@@ -81,3 +81,20 @@ def test_mmfs_sampling_plan_matches_core_tensors() -> None:
 def test_recency_index() -> None:
     visible = torch.tensor([[1, 0, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1]])
     assert image_recency_index(visible).tolist() == [[3, 0, 2, 1], [0, 0, 0, 0], [4, 3, 2, 1]]
+
+
+def test_mmfs_refuses_more_visible_images_than_its_position_table() -> None:
+    module = MMFS(8, 4, 8, 8, n_levels=1, n_heads=2, n_points=1, spatial_shapes=[2], base_spatial_shape=2,
+                  max_num_images=3)  # fmt: skip
+    query = torch.randn(1, 2, 8)
+    reference = torch.full((1, 2, 1, 2), 0.5)
+    for n_img, ok in ((2, True), (3, False)):
+        features = torch.randn(1, n_img, 4, 4)
+        shapes = torch.tensor([[2, 2]] * n_img)
+        starts = torch.arange(n_img) * 4
+        mask = torch.ones(1, n_img)
+        if ok:
+            assert module(query, reference, features, shapes, starts, attention_mask=mask).shape == (1, 2, 8)
+        else:
+            with pytest.raises(ValueError, match="built for at most 2"):
+                module(query, reference, features, shapes, starts, attention_mask=mask)

@@ -113,7 +113,9 @@ class MMFS(nn.Module):
         (R = max_num_images), in the query's dtype, before the image mask.
         """
         recency = image_recency_index(visible)  # [N, Lq, n_img]
-        if int(recency.max()) >= self.max_num_images if recency.numel() else False:
+        # The recency index never exceeds n_img, so the (host-syncing) value check is needed only when the image
+        # axis is long enough to overflow the relative-position table.
+        if visible.shape[-1] >= self.max_num_images and recency.numel() and int(recency.max()) >= self.max_num_images:
             raise ValueError(
                 f"MMFS sees {int(recency.max())} images but was built for at most {self.max_num_images - 1}; "
                 "shorten the document or drop earlier images"
@@ -169,7 +171,7 @@ class MMFS(nn.Module):
         loc = reference_points.to(compute_dtype)[:, :, 0][:, :, None, None, None, None, :] + (
             offsets[:, :, :, :, None] / normaliser[None, None, None, :, :, None, :]
         )
-        loc = loc.reshape(n, lq, heads, n_img * levels, points, 2)
+        loc = loc.reshape(n, lq, heads, n_img * levels, points, 2).contiguous()
         return loc, weights, null_weight
 
     def forward(
