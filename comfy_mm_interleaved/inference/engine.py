@@ -14,6 +14,10 @@ What the official loop recomputes and this engine keeps (:class:`CachePolicy`, a
   its first ``<|image|>`` token on, so appending text or images never changes the earlier positions;
 * ``kv_cache``: the KV cache while decoding (off = one full forward per token, the reference path of the tests).
 
+MMFS ablation (:meth:`InterleavedEngine.mmfs_ablation`, :mod:`..models.ablation`): the context cache is keyed by
+the model's MMFS switches, so a document run with MMFS on is recomputed with it off and vice versa; image features
+and MMFS value projections do not depend on the switches and stay cached.
+
 The diffusion components are built once (they are part of the loaded model) and the UNet-side MMFS values of the
 source image are projected once per image.
 
@@ -39,6 +43,7 @@ from transformers import DynamicCache
 
 from .. import checkpoint
 from ..config import MMInterleavedConfig
+from ..models.ablation import mmfs_ablation, mmfs_state, mmfs_switches
 from ..models.llm import MMFSInputs, flatten_levels, slot_spatial_layout
 from ..models.masks import image_layout, llm_visibility
 from ..models.visual_tokenizer import VisualTokenizerOutput, preprocess_images
@@ -134,13 +139,14 @@ class EngineStats:
 
 @dataclass
 class _Context:
-    """The LLM state of the last document: ids, per-position image keys (for ``<|image|>`` tokens), KV cache and
-    final hidden states (kept as chunks, concatenated when needed)."""
+    """The LLM state of the last document: ids, per-position image keys (for ``<|image|>`` tokens), KV cache,
+    final hidden states (kept as chunks, concatenated when needed) and the MMFS switches it was computed with."""
 
     ids: list[int]
     keys: list[str | None]
     cache: DynamicCache | None
     chunks: list[torch.Tensor]  # [1, l_i, D] pieces of the hidden states
+    mmfs: tuple[bool, ...]
 
     @property
     def hidden(self) -> torch.Tensor:
@@ -204,6 +210,7 @@ class InterleavedEngine:
         self._features: OrderedDict[str, EncodedImage] = OrderedDict()
         self._context: _Context | None = None
         self._empty_values: dict[int, torch.Tensor] | None = None
+        self._mmfs_switches = mmfs_switches(model)
 
     @classmethod
     def from_pretrained(
@@ -269,6 +276,13 @@ class InterleavedEngine:
         except BaseException:
             self._context = None
             raise
+
+    @contextlib.contextmanager
+    def mmfs_ablation(self) -> Iterator[None]:
+        """Generate with every MMFS switched off (LLM gates contribute zero, no UNet residuals); see the module
+        docstring for what stays cached."""
+        with mmfs_ablation(self.model):
+            yield
 
     def clear_cache(self) -> None:
         """Forget every cached image and the document context."""
@@ -427,9 +441,12 @@ class InterleavedEngine:
     def _prefill(self, ids: list[int], encoded: Sequence[EncodedImage]) -> _Context:
         """The document's LLM state, reusing the longest matching prefix of the cached context."""
         keys = self._position_keys(ids, encoded)
+        mmfs = mmfs_state(self._mmfs_switches)
         if not self.caching.kv_cache:
-            return _Context(list(ids), keys, None, [self._run_llm(ids, 0, encoded, None)])
+            return _Context(list(ids), keys, None, [self._run_llm(ids, 0, encoded, None)], mmfs)
         context = self._context if self.caching.context else None
+        if context is not None and context.mmfs != mmfs:
+            context = None  # computed with other MMFS switches
         self._context = None  # invalid until the update below completes
         reuse = context.common_prefix(ids, keys) if context is not None else 0
         if reuse == 0:
@@ -441,7 +458,7 @@ class InterleavedEngine:
         if reuse < len(ids):
             chunks.append(self._run_llm(ids, reuse, encoded, cache))
         self.stats.reused_tokens += reuse
-        return _Context(list(ids), keys, cache, chunks)
+        return _Context(list(ids), keys, cache, chunks, mmfs)
 
     def _keep(self, context: _Context) -> None:
         if self.caching.context and self.caching.kv_cache:

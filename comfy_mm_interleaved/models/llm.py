@@ -11,6 +11,9 @@ rotary embedding and KV cache). The per-call image inputs travel as one typed ke
 which ``LlamaModel.forward`` hands to every decoder layer. State-dict keys are the official ones
 (``layers.N.llama_cross_attn.{gate, norm1, norm2, attn.*}``); the rotary ``inv_freq`` is a non-persistent buffer,
 as in the official checkpoint (which has none).
+
+MMFS ablation: a gated block whose ``mmfs_enabled`` attribute is False contributes exactly zero, as if
+``tanh(gate) = 0`` (see :mod:`.ablation` for the switch over a whole model).
 """
 
 from __future__ import annotations
@@ -72,12 +75,17 @@ def slot_spatial_layout(level_shapes: torch.Tensor, n_slot: int) -> tuple[torch.
 
 
 class GatedMMFSCrossAttention(nn.Module):
-    """``tanh(gate) * MMFS(norm1(h), norm2(features))``; official name ``llama_cross_attn``."""
+    """``tanh(gate) * MMFS(norm1(h), norm2(features))``; official name ``llama_cross_attn``.
+
+    ``mmfs_enabled`` (not a weight; True by default): False switches the block off for an ablation, its
+    contribution is then exactly zero (the MMFS is not run).
+    """
 
     def __init__(self, config: MMInterleavedConfig, layer_idx: int) -> None:
         super().__init__()
         llm, mmfs = config.llm, config.llm.mmfs
         self.layer_idx = layer_idx
+        self.mmfs_enabled = True
         self.gate = nn.Parameter(torch.zeros(1))
         self.norm1 = LlamaRMSNorm(llm.hidden_size, eps=llm.rms_norm_eps)
         self.norm2 = LlamaRMSNorm(config.image_embed_dim, eps=llm.rms_norm_eps)
@@ -101,6 +109,8 @@ class GatedMMFSCrossAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, mmfs: MMFSInputs) -> torch.Tensor:
         """hidden_states [B, Lq, hidden] -> the gated amount to add to them [B, Lq, hidden]."""
+        if not self.mmfs_enabled:
+            return torch.zeros_like(hidden_states)
         if mmfs.values is not None and self.layer_idx in mmfs.values:
             values = mmfs.values[self.layer_idx]
         elif mmfs.features is not None:

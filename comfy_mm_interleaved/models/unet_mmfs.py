@@ -9,6 +9,9 @@ The per-block value projections depend only on the source image, so :meth:`MMFSN
 once per image decode and returns an :class:`MMFSNetContext` that every diffusion step reuses.
 :func:`unet_forward_with_mmfs` runs a stock diffusers ``UNet2DConditionModel`` with the residuals threaded
 through, reusing the UNet's own submodules (no patching of diffusers).
+
+MMFS ablation: an :class:`MMFSNet` whose ``mmfs_enabled`` attribute is False adds no residual at all (not even
+the null-slot one), so the UNet runs as if it had no MMFSNet (see :mod:`.ablation`).
 """
 
 from __future__ import annotations
@@ -162,7 +165,11 @@ class MMFSBlock(nn.Module):
 
 
 class MMFSNet(nn.Module):
-    """``mmfs_down_blocks`` (one per UNet skip tensor) + ``mmfs_mid_block``; keys as the official checkpoint."""
+    """``mmfs_down_blocks`` (one per UNet skip tensor) + ``mmfs_mid_block``; keys as the official checkpoint.
+
+    ``mmfs_enabled`` (not a weight; True by default): False makes :meth:`forward` return its inputs unchanged
+    (MMFS ablation).
+    """
 
     def __init__(self, config: ImageDecoderConfig, feature_dim: int) -> None:
         super().__init__()
@@ -179,6 +186,7 @@ class MMFSNet(nn.Module):
             )
         self.feature_dim = feature_dim
         self.n_levels = len(mmfs.spatial_shapes)
+        self.mmfs_enabled = True
 
         def block(channels: int, base: int) -> MMFSBlock:
             return MMFSBlock(
@@ -256,6 +264,7 @@ class MMFSNet(nn.Module):
 
         mid_sample [B, C_mid, h, w]; skips: the UNet's down-path skip tensors. With ``trace`` the block inputs
         and residuals are stored under ``down{k}.input`` / ``down{k}.residual`` / ``mid.input`` / ``mid.residual``.
+        Switched off (``mmfs_enabled`` False) it returns ``mid_sample`` and ``skips`` unchanged and traces nothing.
         """
         if len(skips) != len(self.mmfs_down_blocks):
             raise ValueError(f"MMFSNet has {len(self.mmfs_down_blocks)} down blocks but got {len(skips)} skips")
@@ -264,6 +273,8 @@ class MMFSNet(nn.Module):
                 f"MMFS context batch {context.batch_size} != UNet batch {mid_sample.shape[0]}; "
                 "use MMFSNetContext.repeat_batch for classifier-free guidance"
             )
+        if not self.mmfs_enabled:
+            return mid_sample, list(skips)
         values = context.values or [None] * len(self.blocks)
         names = [f"down{k}" for k in range(len(skips))] + ["mid"]
         outputs = []
