@@ -11,6 +11,9 @@ declares its arguments and one that runs it, and register them::
         ...  # import heavy modules here, not at the top of this file
         return 0
 
+A subcommand group (``eval TASK``) keeps its own registry: ``subcommand(..., registry=TASKS)`` registers into it and
+:func:`add_subcommands` adds its parsers (see ``comfy_mm_interleaved/eval``).
+
 User errors (``ValueError`` and subclasses such as ``CheckpointError``, missing files) print one ``error:`` message
 on stderr and exit with status 1, without a traceback.
 """
@@ -41,17 +44,32 @@ SUBCOMMANDS: dict[str, Subcommand] = {}
 
 
 def subcommand(
-    name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]
+    name: str,
+    help: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    registry: dict[str, Subcommand] | None = None,
 ) -> Callable[[Callable[[argparse.Namespace], int | None]], Callable[[argparse.Namespace], int | None]]:
-    """Register ``run(args) -> exit status`` as the subcommand ``name``."""
+    """Register ``run(args) -> exit status`` as the subcommand ``name`` (of ``registry``, default the top level)."""
+    commands = SUBCOMMANDS if registry is None else registry
 
     def register(run: Callable[[argparse.Namespace], int | None]) -> Callable[[argparse.Namespace], int | None]:
-        if name in SUBCOMMANDS:
+        if name in commands:
             raise ValueError(f"subcommand {name!r} is registered twice")
-        SUBCOMMANDS[name] = Subcommand(name, help, add_arguments, run)
+        commands[name] = Subcommand(name, help, add_arguments, run)
         return run
 
     return register
+
+
+def add_subcommands(
+    parser: argparse.ArgumentParser, registry: dict[str, Subcommand], dest: str, run_attribute: str = "run"
+) -> None:
+    """One sub-parser per registered subcommand; the chosen one's ``run`` lands in ``args.<run_attribute>``."""
+    commands = parser.add_subparsers(dest=dest, metavar=dest.upper(), required=True)
+    for command in registry.values():
+        sub = commands.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(sub)
+        sub.set_defaults(**{run_attribute: command.run})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -190,15 +208,28 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# eval TASK (comfy_mm_interleaved/eval; light imports until it runs)
+
+
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    from .eval import add_arguments
+
+    add_arguments(parser)
+
+
+@subcommand("eval", "evaluate a model on a benchmark: eval TASK (shapes: ShapeStories)", _eval_arguments)
+def _eval(args: argparse.Namespace) -> int:
+    return int(args.run_task(args) or 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="MM-Interleaved: checkpoints, generation, training.")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for command in SUBCOMMANDS.values():
-        sub = commands.add_parser(command.name, help=command.help, description=command.help)
-        command.add_arguments(sub)
-        sub.set_defaults(run=command.run)
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="MM-Interleaved: checkpoints, generation, training, evaluation."
+    )
+    add_subcommands(parser, SUBCOMMANDS, dest="command")
     return parser
 
 
