@@ -192,6 +192,29 @@ def test_sample_guidance_one_runs_conditional_branch_only(model: ImageDecoder) -
     assert not torch.allclose(out, model.decoder.decode(cfg_records[0].latents_out))
 
 
+def test_sample_decodes_with_the_vae_dtype(config, weights) -> None:
+    """A bfloat16 UNet, MMFSNet and resampler with the VAE kept in float32 (the engine's placement): the final
+    latents go to the VAE's device and dtype, and the images equal the diffusers VAE decode of those latents."""
+    model = build(config, weights).to(torch.bfloat16)
+    model.decoder.vae.float()
+    records: list[DiffusionStep] = []
+    feats = [f.to(torch.bfloat16) for f in features(model, 1)]
+    out = model.sample(
+        prompt(model, 1).to(torch.bfloat16),
+        feats,
+        torch.ones(1, 1),
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(14),
+        callback=records.append,
+    )
+    final = records[-1].latents_out
+    assert final.dtype == torch.bfloat16
+    vae = model.decoder.vae
+    expected = (vae.decode(final.float() / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+    assert out.dtype == torch.float32 and out.device == next(vae.parameters()).device
+    assert_close(out, expected, 1e-5, "bf16 UNet latents decoded by the float32 VAE")
+
+
 @pytest.mark.parametrize("name", sorted(set(SCHEDULERS) - {"ddpm"}))
 def test_sample_other_schedulers(model: ImageDecoder, name: str) -> None:
     out = model.sample(

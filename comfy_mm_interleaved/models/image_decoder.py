@@ -77,8 +77,9 @@ class StableDiffusionMMFS(nn.Module):
         return torch.cat(means), torch.cat(stds)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents [B, C_lat, h, w] -> images [B, 3, H, W] in [0, 1] (VAE in its own dtype, float32)."""
-        latents = (1.0 / self.scaling_factor) * latents.to(self.vae.dtype)
+        """Scaled latents [B, C_lat, h, w] -> images [B, 3, H, W] in [0, 1], on the VAE's device and in its dtype
+        (float32 as official), which may differ from the UNet's."""
+        latents = (1.0 / self.scaling_factor) * latents.to(self.vae.device, self.vae.dtype)
         images = self.vae.decode(latents, return_dict=False)[0]
         return (images / 2 + 0.5).clamp(0, 1)
 
