@@ -3,9 +3,17 @@
 Every bilinear tap (query, head, level, point, corner) becomes one row index into ``value`` viewed as
 ``[N*S*M, D]`` and one weight ``attention * bilinear * in-bounds``; ``F.embedding_bag(mode="sum")`` then forms the
 weighted sums without materialising the ``[..., 4*L*P, D]`` gathered tensor. Level sizes are read from the
-``spatial_shapes`` tensor arithmetically (no Python loop over levels, no ``.item()``), so the function traces
-with ``fullgraph=True`` and dynamic shapes. Gradients come from autograd (``floor`` has zero derivative, so the
-location gradient is the right-sided one at pixel-centre kinks, as ``grid_sample``'s).
+``spatial_shapes`` tensor arithmetically (no Python loop over levels, no ``.item()``), so the functions trace
+with ``fullgraph=True`` and dynamic shapes.
+
+The backward is written by hand (the ``embedding_bag`` backward that autograd would run is slow on a CPU):
+
+* ``grad_value`` is the transposed gather: the taps sorted by row, then one ``embedding_bag`` whose bags are the
+  rows of ``value`` and whose entries are the output-gradient rows of the taps' queries, weighted as in the forward;
+* ``tap_dot = value[row] . grad_out[query]`` per tap (a chunked gather, or one fused loop under ``torch.compile``)
+  gives ``grad_attention = sum_corners bilinear * tap_dot`` and the location gradients by the chain rule on the
+  bilinear weights (``floor`` has zero derivative, so at pixel-centre kinks the location gradient is the
+  right-sided one, as ``grid_sample``'s).
 
 ``MMI_MSDA_COMPILE=1`` makes the op's CPU implementation use ``torch.compile`` of these functions (compiled
 lazily on first use and cached by torch; see docs/KERNELS_DESIGN.md for the measured compile time).
@@ -15,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +31,47 @@ import torch.nn.functional as F
 # tap order: (x0, y0), (x0 + 1, y0), (x0, y0 + 1), (x0 + 1, y0 + 1)
 _CORNER_DX = (0.0, 1.0, 0.0, 1.0)
 _CORNER_DY = (0.0, 0.0, 1.0, 1.0)
+# gathered value rows held at once by the eager backward's tap dot products (about 1 MiB of fp32 at D = 64)
+_DOT_CHUNK_ROWS = 4096
+
+
+class Taps(NamedTuple):
+    """The bilinear taps of every (query, head, level, point), corners last: ``[N, Lq, M, L, P, 4]``."""
+
+    rows: torch.Tensor  # int64 rows of value.view(N*S*M, D); corners outside the map point at a valid row
+    inside: torch.Tensor  # bool, the corner lies on the map
+    weight_x: torch.Tensor  # 1 - fx or fx
+    weight_y: torch.Tensor  # 1 - fy or fy
+
+
+def bilinear_taps(
+    value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, sampling_locations: torch.Tensor
+) -> Taps:
+    """value [N, S, M, D], spatial_shapes [L, 2] (H, W), level_start_index [L], sampling_locations
+    [N, Lq, M, L, P, 2] (x, y) -> the taps (pixel = loc * size - 0.5, zero padding)."""
+    n, s, m, _ = value.shape
+    n_levels = sampling_locations.shape[3]
+    dtype = sampling_locations.dtype
+    heights = spatial_shapes[:, 0].view(n_levels, 1, 1)  # [L, 1, 1] broadcast against [..., L, P, 4]
+    widths = spatial_shapes[:, 1].view(n_levels, 1, 1)
+    x = sampling_locations[..., 0, None] * widths.to(dtype) - 0.5  # [N, Lq, M, L, P, 1] pixel coordinates
+    y = sampling_locations[..., 1, None] * heights.to(dtype) - 0.5
+    x0, y0 = x.floor(), y.floor()
+    fx, fy = x - x0, y - y0
+    corner_x = x0 + x0.new_tensor(_CORNER_DX)  # [N, Lq, M, L, P, 4]
+    corner_y = y0 + y0.new_tensor(_CORNER_DY)
+    inside = (corner_x >= 0) & (corner_x < widths) & (corner_y >= 0) & (corner_y < heights)
+    pixel = (
+        level_start_index.view(n_levels, 1, 1)
+        + torch.where(inside, corner_y, 0).long() * widths
+        + torch.where(inside, corner_x, 0).long()
+    )
+    batch = torch.arange(n, device=value.device).view(n, 1, 1, 1, 1, 1)
+    head = torch.arange(m, device=value.device).view(1, 1, m, 1, 1, 1)
+    rows = (batch * s + pixel) * m + head
+    weight_x = torch.cat([1 - fx, fx, 1 - fx, fx], dim=-1)
+    weight_y = torch.cat([1 - fy, 1 - fy, fy, fy], dim=-1)
+    return Taps(rows, inside, weight_x, weight_y)
 
 
 def ms_deform_attn_gather(
@@ -36,35 +86,38 @@ def ms_deform_attn_gather(
 
     All floating inputs must share one dtype (the compute dtype); the caller casts.
     """
-    n, s, m, d = value.shape
-    _, lq, _, n_levels, n_points, _ = sampling_locations.shape
-    dtype = sampling_locations.dtype
-    heights = spatial_shapes[:, 0].view(n_levels, 1, 1)  # [L, 1, 1] broadcast against [..., L, P, 4]
-    widths = spatial_shapes[:, 1].view(n_levels, 1, 1)
-    x = sampling_locations[..., 0, None] * widths.to(dtype) - 0.5  # [N, Lq, M, L, P, 1] pixel coordinates
-    y = sampling_locations[..., 1, None] * heights.to(dtype) - 0.5
-    x0, y0 = x.floor(), y.floor()
-    fx, fy = x - x0, y - y0
-    corner_x = x0 + x0.new_tensor(_CORNER_DX)  # [N, Lq, M, L, P, 4]
-    corner_y = y0 + y0.new_tensor(_CORNER_DY)
-    inside = (corner_x >= 0) & (corner_x < widths) & (corner_y >= 0) & (corner_y < heights)
-    weight_x = torch.cat([1 - fx, fx, 1 - fx, fx], dim=-1)
-    weight_y = torch.cat([1 - fy, 1 - fy, fy, fy], dim=-1)
-    weights = attention_weights[..., None] * weight_x * weight_y * inside
-
-    pixel = (
-        level_start_index.view(n_levels, 1, 1)
-        + torch.where(inside, corner_y, 0).long() * widths
-        + torch.where(inside, corner_x, 0).long()
-    )
-    batch = torch.arange(n, device=value.device).view(n, 1, 1, 1, 1, 1)
-    head = torch.arange(m, device=value.device).view(1, 1, m, 1, 1, 1)
-    rows = (batch * s + pixel) * m + head  # [N, Lq, M, L, P, 4] rows of value.view(N*S*M, D)
-    taps = n_levels * n_points * 4
+    n, _, m, d = value.shape
+    lq = sampling_locations.shape[1]
+    taps = bilinear_taps(value, spatial_shapes, level_start_index, sampling_locations)
+    weights = attention_weights[..., None] * taps.weight_x * taps.weight_y * taps.inside
+    per_query = weights[0, 0, 0].numel()  # L * P * 4 taps per (query, head)
     out = F.embedding_bag(
-        rows.reshape(-1, taps), value.reshape(-1, d), per_sample_weights=weights.reshape(-1, taps), mode="sum"
+        taps.rows.reshape(-1, per_query),
+        value.reshape(-1, d),
+        per_sample_weights=weights.reshape(-1, per_query),
+        mode="sum",
     )
     return out.view(n, lq, m * d)
+
+
+def tap_dots(table: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, bags: torch.Tensor) -> torch.Tensor:
+    """table [R, D], grad [B, D], rows and bags [T] (int64) -> [T]: ``table[rows[t]] . grad[bags[t]]``.
+
+    Traced by ``torch.compile``, the gathers, product and sum fuse into one loop; eagerly, a few thousand taps are
+    gathered at a time into reused buffers (a whole ``[T, D]`` gather would be slow and large). Rows in ascending
+    order make the table reads sequential."""
+    if torch.compiler.is_compiling():
+        return (table[rows] * grad[bags]).sum(-1)
+    out = table.new_empty(rows.shape[0])
+    table_rows = table.new_empty(min(_DOT_CHUNK_ROWS, rows.shape[0]), table.shape[1])
+    grad_rows = torch.empty_like(table_rows)
+    for start in range(0, rows.shape[0], _DOT_CHUNK_ROWS):
+        stop = min(start + _DOT_CHUNK_ROWS, rows.shape[0])
+        a, b = table_rows[: stop - start], grad_rows[: stop - start]
+        torch.index_select(table, 0, rows[start:stop], out=a)
+        torch.index_select(grad, 0, bags[start:stop], out=b)
+        torch.sum(a.mul_(b), -1, out=out[start:stop])
+    return out
 
 
 def ms_deform_attn_gather_backward(
@@ -76,12 +129,34 @@ def ms_deform_attn_gather_backward(
     grad_output: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (value, sampling_locations, attention_weights) of :func:`ms_deform_attn_gather`."""
+    n, s, m, d = value.shape
+    taps = bilinear_taps(value, spatial_shapes, level_start_index, sampling_locations)
+    per_query = taps.rows[0, 0, 0].numel()
+    table = value.reshape(-1, d)  # [N*S*M, D]
+    grad = grad_output.reshape(-1, d)  # [N*Lq*M, D], one row per (query, head) bag
+    rows = taps.rows.reshape(-1, per_query)
+    bilinear = taps.weight_x * taps.weight_y * taps.inside  # [N, Lq, M, L, P, 4]
+    weights = attention_weights[..., None] * bilinear
+    # the transposed gather: taps sorted by row, one embedding_bag whose bags are the rows of value
+    sorted_rows, order = rows.reshape(-1).sort()
+    bags = order // per_query  # the (query, head) of each sorted tap
+    counts = torch.zeros(n * s * m, dtype=torch.long, device=value.device)
+    counts.scatter_add_(0, sorted_rows, torch.ones_like(sorted_rows))
+    offsets = counts.cumsum(0) - counts  # where each row's taps start in the sorted order
+    grad_value = F.embedding_bag(bags, grad, offsets, per_sample_weights=weights.reshape(-1)[order], mode="sum")
+    grad_value = grad_value.view_as(value)
 
-    def forward(v: torch.Tensor, loc: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        return ms_deform_attn_gather(v, spatial_shapes, level_start_index, loc, attn)
-
-    _, pullback = torch.func.vjp(forward, value, sampling_locations, attention_weights)
-    return pullback(grad_output)
+    dots_sorted = tap_dots(table, sorted_rows, grad, bags)
+    dots = torch.empty_like(dots_sorted).scatter_(0, order, dots_sorted).view_as(bilinear)
+    dots = dots * taps.inside  # d out / d (tap weight)
+    grad_attn = (dots * bilinear).sum(-1)
+    # d weight_x / d x = -1 (x0 corners) or +1 (x0 + 1), likewise in y; x = loc_x * W - 0.5
+    sign_x = dots.new_tensor(_CORNER_DX) * 2 - 1
+    sign_y = dots.new_tensor(_CORNER_DY) * 2 - 1
+    grad_x = (dots * taps.weight_y * sign_x).sum(-1) * spatial_shapes[:, 1].view(-1, 1).to(dots.dtype)
+    grad_y = (dots * taps.weight_x * sign_y).sum(-1) * spatial_shapes[:, 0].view(-1, 1).to(dots.dtype)
+    grad_loc = torch.stack([grad_x, grad_y], dim=-1) * attention_weights[..., None]
+    return grad_value, grad_loc, grad_attn
 
 
 def compile_requested() -> bool:
