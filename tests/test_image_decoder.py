@@ -348,3 +348,10 @@ def test_bad_inputs_raise_clear_errors(model: ImageDecoder) -> None:
         model.sample(embeds, None, torch.zeros(1, 1), num_inference_steps=1, init_latents=torch.zeros(1, 4, 3, 3))
     with pytest.raises(ValueError, match="guidance_scale"):
         model.sample(embeds, None, torch.zeros(1, 1), num_inference_steps=1, guidance_scale=-1.0)
+
+
+def test_sample_refuses_more_steps_than_the_schedule_allows(config: MMInterleavedConfig) -> None:
+    decoder = ImageDecoder(config).eval()
+    prompt = torch.zeros(1, config.image_decoder.prompt_length, config.image_decoder.resampler.hidden_size)
+    with pytest.raises(ValueError, match="cannot take 1000 steps"):
+        decoder.sample(prompt, None, None, num_inference_steps=1000, guidance_scale=1.0, scheduler="ddpm")

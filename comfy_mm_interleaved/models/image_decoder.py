@@ -263,6 +263,12 @@ class ImageDecoder(nn.Module):
 
         sched = build_scheduler(self.config.scheduler, scheduler)
         sched.set_timesteps(num_inference_steps, device=device)
+        train_steps = sched.config.num_train_timesteps
+        if int(sched.timesteps.max()) >= train_steps:  # e.g. DDPM/DDIM "leading" spacing + steps_offset at 1000 steps
+            raise ValueError(
+                f"scheduler {scheduler!r} cannot take {num_inference_steps} steps: its timesteps would pass the "
+                f"{train_steps} training timesteps; use at most {num_inference_steps - 1} steps or another scheduler"
+            )
         step_params = inspect.signature(sched.step).parameters
         if variance_noises is not None and "variance_noise" not in step_params:
             raise ValueError(f"scheduler {scheduler!r} does not take injected variance noise")
