@@ -51,6 +51,17 @@ def test_ops_gather_matches_reference(name: str, dtype: torch.dtype) -> None:
         assert_close(got, want, tol, label)
 
 
+def test_ops_gather_far_out_locations() -> None:
+    """Locations far outside [0, 1] (clamped before the integer conversion) read nothing and get zero gradients."""
+    case = random_case(2, 7, 2, 3, [(4, 5), (2, 3)], 3, dtype=torch.float64, loc_range=(-1e4, 1e4), seed=3)
+    near = random_case(2, 7, 2, 3, [(4, 5), (2, 3)], 3, dtype=torch.float64, loc_range=(-2.0, 3.0), seed=3)
+    for mixed in (case, near):
+        for label, got, want in zip(
+            ("output", "grad_value", "grad_loc", "grad_attn"), run(mixed), reference_with_grads(mixed)
+        ):
+            assert_close(got, want, 1e-10, label)
+
+
 def test_ops_gather_gradcheck_float64() -> None:
     case = random_case(1, 3, 2, 5, [(3, 4), (2, 2), (1, 1)], 2, dtype=torch.float64, seed=2)
     inputs = [t.requires_grad_() for t in (case.value, case.sampling_locations, case.attention_weights)]

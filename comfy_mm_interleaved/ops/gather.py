@@ -28,20 +28,23 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-# tap order: (x0, y0), (x0 + 1, y0), (x0, y0 + 1), (x0 + 1, y0 + 1)
-_CORNER_DX = (0.0, 1.0, 0.0, 1.0)
-_CORNER_DY = (0.0, 0.0, 1.0, 1.0)
-# gathered value rows held at once by the eager backward's tap dot products (about 1 MiB of fp32 at D = 64)
+# gathered rows held at once by the eager backward's tap dot products (two buffers of 1 MiB in fp32 at D = 64)
 _DOT_CHUNK_ROWS = 4096
 
 
 class Taps(NamedTuple):
-    """The bilinear taps of every (query, head, level, point), corners last: ``[N, Lq, M, L, P, 4]``."""
+    """The bilinear taps of every (query, head, level, point). Corners last, in the order (x0, y0), (x0 + 1, y0),
+    (x0, y0 + 1), (x0 + 1, y0 + 1), where (x0, y0) is the pixel at or left of / above the sampling point."""
 
-    rows: torch.Tensor  # int64 rows of value.view(N*S*M, D); corners outside the map point at a valid row
-    inside: torch.Tensor  # bool, the corner lies on the map
-    weight_x: torch.Tensor  # 1 - fx or fx
-    weight_y: torch.Tensor  # 1 - fy or fy
+    rows: torch.Tensor  # [N, Lq, M, L, P, 4] rows of value.view(N*S*M, D) (int32 when they fit); 0 outside the map
+    inside: torch.Tensor  # [N, Lq, M, L, P, 4] bool, the corner lies on the map
+    fx: torch.Tensor  # [N, Lq, M, L, P] fractional pixel position, in [0, 1)
+    fy: torch.Tensor
+
+    def bilinear(self) -> torch.Tensor:
+        """[N, Lq, M, L, P, 4] bilinear weight of each corner, 0 outside the map."""
+        gx, gy = 1 - self.fx, 1 - self.fy
+        return torch.stack([gx * gy, self.fx * gy, gx * self.fy, self.fx * self.fy], dim=-1) * self.inside
 
 
 def bilinear_taps(
@@ -52,26 +55,25 @@ def bilinear_taps(
     n, s, m, _ = value.shape
     n_levels = sampling_locations.shape[3]
     dtype = sampling_locations.dtype
-    heights = spatial_shapes[:, 0].view(n_levels, 1, 1)  # [L, 1, 1] broadcast against [..., L, P, 4]
-    widths = spatial_shapes[:, 1].view(n_levels, 1, 1)
-    x = sampling_locations[..., 0, None] * widths.to(dtype) - 0.5  # [N, Lq, M, L, P, 1] pixel coordinates
-    y = sampling_locations[..., 1, None] * heights.to(dtype) - 0.5
+    index = torch.int32 if n * s * m < 2**31 else torch.int64  # int32 rows sort twice as fast
+    heights = spatial_shapes[:, 0].view(n_levels, 1)  # [L, 1] broadcast against [N, Lq, M, L, P]
+    widths = spatial_shapes[:, 1].view(n_levels, 1)
+    x = sampling_locations[..., 0] * widths.to(dtype) - 0.5  # [N, Lq, M, L, P] pixel coordinates
+    y = sampling_locations[..., 1] * heights.to(dtype) - 0.5
     x0, y0 = x.floor(), y.floor()
     fx, fy = x - x0, y - y0
-    corner_x = x0 + x0.new_tensor(_CORNER_DX)  # [N, Lq, M, L, P, 4]
-    corner_y = y0 + y0.new_tensor(_CORNER_DY)
-    inside = (corner_x >= 0) & (corner_x < widths) & (corner_y >= 0) & (corner_y < heights)
-    pixel = (
-        level_start_index.view(n_levels, 1, 1)
-        + torch.where(inside, corner_y, 0).long() * widths
-        + torch.where(inside, corner_x, 0).long()
-    )
-    batch = torch.arange(n, device=value.device).view(n, 1, 1, 1, 1, 1)
-    head = torch.arange(m, device=value.device).view(1, 1, m, 1, 1, 1)
-    rows = (batch * s + pixel) * m + head
-    weight_x = torch.cat([1 - fx, fx, 1 - fx, fx], dim=-1)
-    weight_y = torch.cat([1 - fy, 1 - fy, fy, fy], dim=-1)
-    return Taps(rows, inside, weight_x, weight_y)
+    # far-out points: clamping keeps both corners outside and the integer conversion small (NaN stays outside)
+    ix = x0.clamp(min=-2).minimum(widths.to(dtype)).to(index)
+    iy = y0.clamp(min=-2).minimum(heights.to(dtype)).to(index)
+    in_x0, in_x1 = (ix >= 0) & (ix < widths), (ix >= -1) & (ix < widths - 1)
+    in_y0, in_y1 = (iy >= 0) & (iy < heights), (iy >= -1) & (iy < heights - 1)
+    inside = torch.stack([in_x0 & in_y0, in_x1 & in_y0, in_x0 & in_y1, in_x1 & in_y1], dim=-1)
+    batch = torch.arange(n, device=value.device, dtype=index).view(n, 1, 1, 1, 1)
+    head = torch.arange(m, device=value.device, dtype=index).view(1, 1, m, 1, 1)
+    top_left = (batch * s + level_start_index.view(n_levels, 1) + iy * widths + ix) * m + head
+    corner_offset = torch.stack([torch.zeros_like(widths), torch.ones_like(widths), widths, widths + 1], dim=-1) * m
+    rows = torch.where(inside, top_left[..., None] + corner_offset.to(index), 0)  # [N, Lq, M, L, P, 4]
+    return Taps(rows, inside, fx, fy)
 
 
 def ms_deform_attn_gather(
@@ -89,7 +91,7 @@ def ms_deform_attn_gather(
     n, _, m, d = value.shape
     lq = sampling_locations.shape[1]
     taps = bilinear_taps(value, spatial_shapes, level_start_index, sampling_locations)
-    weights = attention_weights[..., None] * taps.weight_x * taps.weight_y * taps.inside
+    weights = attention_weights[..., None] * taps.bilinear()
     per_query = weights[0, 0, 0].numel()  # L * P * 4 taps per (query, head)
     out = F.embedding_bag(
         taps.rows.reshape(-1, per_query),
@@ -134,29 +136,25 @@ def ms_deform_attn_gather_backward(
     per_query = taps.rows[0, 0, 0].numel()
     table = value.reshape(-1, d)  # [N*S*M, D]
     grad = grad_output.reshape(-1, d)  # [N*Lq*M, D], one row per (query, head) bag
-    rows = taps.rows.reshape(-1, per_query)
-    bilinear = taps.weight_x * taps.weight_y * taps.inside  # [N, Lq, M, L, P, 4]
-    weights = attention_weights[..., None] * bilinear
+    weights = attention_weights[..., None] * taps.bilinear()  # [N, Lq, M, L, P, 4]
     # the transposed gather: taps sorted by row, one embedding_bag whose bags are the rows of value
-    sorted_rows, order = rows.reshape(-1).sort()
+    sorted_rows, order = taps.rows.reshape(-1).sort()
     bags = order // per_query  # the (query, head) of each sorted tap
     counts = torch.zeros(n * s * m, dtype=torch.long, device=value.device)
-    counts.scatter_add_(0, sorted_rows, torch.ones_like(sorted_rows))
+    counts.index_add_(0, sorted_rows, torch.ones_like(order))
     offsets = counts.cumsum(0) - counts  # where each row's taps start in the sorted order
     grad_value = F.embedding_bag(bags, grad, offsets, per_sample_weights=weights.reshape(-1)[order], mode="sum")
-    grad_value = grad_value.view_as(value)
 
     dots_sorted = tap_dots(table, sorted_rows, grad, bags)
-    dots = torch.empty_like(dots_sorted).scatter_(0, order, dots_sorted).view_as(bilinear)
-    dots = dots * taps.inside  # d out / d (tap weight)
-    grad_attn = (dots * bilinear).sum(-1)
-    # d weight_x / d x = -1 (x0 corners) or +1 (x0 + 1), likewise in y; x = loc_x * W - 0.5
-    sign_x = dots.new_tensor(_CORNER_DX) * 2 - 1
-    sign_y = dots.new_tensor(_CORNER_DY) * 2 - 1
-    grad_x = (dots * taps.weight_y * sign_x).sum(-1) * spatial_shapes[:, 1].view(-1, 1).to(dots.dtype)
-    grad_y = (dots * taps.weight_x * sign_y).sum(-1) * spatial_shapes[:, 0].view(-1, 1).to(dots.dtype)
+    dots = torch.empty_like(dots_sorted).scatter_(0, order, dots_sorted).view_as(weights)
+    d00, d10, d01, d11 = (dots * taps.inside).unbind(-1)  # d out / d (bilinear weight) per corner
+    fx, fy = taps.fx, taps.fy
+    grad_attn = (d00 * (1 - fx) + d10 * fx) * (1 - fy) + (d01 * (1 - fx) + d11 * fx) * fy
+    # chain rule through the bilinear weights; pixel x = loc_x * W - 0.5 (floor has zero derivative)
+    grad_x = ((d10 - d00) * (1 - fy) + (d11 - d01) * fy) * spatial_shapes[:, 1].view(-1, 1).to(fx.dtype)
+    grad_y = ((d01 - d00) * (1 - fx) + (d11 - d10) * fx) * spatial_shapes[:, 0].view(-1, 1).to(fx.dtype)
     grad_loc = torch.stack([grad_x, grad_y], dim=-1) * attention_weights[..., None]
-    return grad_value, grad_loc, grad_attn
+    return grad_value.view_as(value), grad_loc, grad_attn
 
 
 def compile_requested() -> bool:
