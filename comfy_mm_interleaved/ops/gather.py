@@ -28,8 +28,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-# gathered rows held at once by the eager backward's tap dot products (two buffers of 1 MiB in fp32 at D = 64)
-_DOT_CHUNK_ROWS = 4096
+# gathered rows held at once by the eager backward's tap dot products (two buffers of 2 MiB in fp32 at D = 64)
+_DOT_CHUNK_ROWS = 8192
 
 
 class Taps(NamedTuple):
