@@ -2,7 +2,7 @@
 
 Use it as a fixture from any test module::
 
-    from .helpers_checkpoint import converted_tiny_checkpoint  # noqa: F401
+    from helpers_checkpoint import converted_tiny_checkpoint  # noqa: F401
 
     def test_something(converted_tiny_checkpoint):  # noqa: F811
         model = from_pretrained(converted_tiny_checkpoint)
@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 
 from comfy_mm_interleaved.convert import convert_official
-
-from .conftest import golden_dir
+from conftest import golden_dir
 
 OFFICIAL_TINY = "mm_interleaved_pretrain_tiny"
 _CONVERTED: dict[Path, Path] = {}

@@ -9,8 +9,7 @@ from comfy_mm_interleaved.config import MMInterleavedConfig
 from comfy_mm_interleaved.models.diffusion import DiffusionDraws
 from comfy_mm_interleaved.models.mm_interleaved import MMInterleaved
 from comfy_mm_interleaved.models.visual_tokenizer import VisualTokenizerOutput
-
-from .conftest import GoldenCase, golden_dir
+from conftest import GoldenCase, golden_dir
 
 PART_PREFIXES = {"with_visual_tokenizer": "visual_tokenizer.", "with_image_decoder": "image_decoder."}
 

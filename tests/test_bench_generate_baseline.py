@@ -13,8 +13,7 @@ import torch
 from comfy_mm_interleaved.config import MMInterleavedConfig
 from comfy_mm_interleaved.models.image_decoder import ImageDecoder
 from comfy_mm_interleaved.models.mmfs import MMFS
-
-from .conftest import REPO_ROOT, assert_close
+from conftest import REPO_ROOT, assert_close
 
 ATOL = 1e-5
 

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from .comfyui_harness import (
+from comfyui_harness import (
     WORKFLOW_NAMES,
     WORKFLOWS,
     Browser,
@@ -24,7 +24,7 @@ from .comfyui_harness import (
     server_with_tiny_model,
     workflow_model,
 )
-from .helpers_checkpoint import converted_tiny_checkpoint  # noqa: F401
+from helpers_checkpoint import converted_tiny_checkpoint  # noqa: F401
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,7 @@ from comfy_mm_interleaved.checkpoint import (
     save_pretrained,
 )
 from comfy_mm_interleaved.config import MMInterleavedConfig
-
-from .conftest import golden_dir
+from conftest import golden_dir
 
 FIXED_TABLES = ("pos_embed", "clip_mean", "clip_std")  # stored float32 whatever the storage dtype
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

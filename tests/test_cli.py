@@ -10,9 +10,8 @@ from safetensors.torch import load_file
 
 from comfy_mm_interleaved.checkpoint import COMPONENTS, component_of, human_bytes, read_index
 from comfy_mm_interleaved.cli import SUBCOMMANDS, main
-
-from .conftest import REPO_ROOT, golden_dir
-from .helpers_checkpoint import OFFICIAL_TINY, converted_tiny_checkpoint  # noqa: F401
+from conftest import REPO_ROOT, golden_dir
+from helpers_checkpoint import OFFICIAL_TINY, converted_tiny_checkpoint  # noqa: F401
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

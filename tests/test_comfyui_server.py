@@ -21,8 +21,7 @@ from PIL import Image
 from comfy_mm_interleaved.shapestories import Change, StoryOutput, story_consistency
 from comfy_mm_interleaved.shapestories.rules import COLOURS, COLUMNS, ROWS, SHAPES, SIZES
 from comfy_mm_interleaved.shapestories.score import attribute_matches, parse_caption, read_image
-
-from .comfyui_harness import (
+from comfyui_harness import (
     NODE_IDS,
     PACK_NAME,
     TINY_MODEL,
@@ -34,7 +33,7 @@ from .comfyui_harness import (
     server_with_tiny_model,
     workflow_model,
 )
-from .helpers_checkpoint import converted_tiny_checkpoint  # noqa: F401
+from helpers_checkpoint import converted_tiny_checkpoint  # noqa: F401
 
 TRAINED = embedded_model_present()
 

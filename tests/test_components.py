@@ -23,8 +23,7 @@ from transformers import (
 from comfy_mm_interleaved.checkpoint import CheckpointError, from_pretrained, save_pretrained
 from comfy_mm_interleaved.components import build_from_components
 from comfy_mm_interleaved.config import MMInterleavedConfig
-
-from .conftest import golden_dir
+from conftest import golden_dir
 
 INIT_RANGE = 0.5  # the LLaMA folder's initializer_range: the added embedding rows are drawn with it
 # Official TextDecoder init (decoder_text.py): added rows of ``head`` weight 0 / bias -100, head_new 0 / 100 - 5.

@@ -22,11 +22,10 @@ from comfy_mm_interleaved.checkpoint import (
 )
 from comfy_mm_interleaved.config import MMInterleavedConfig
 from comfy_mm_interleaved.convert import OFFICIAL_INDEX, convert_official, load_config_file
-
-from .conftest import assert_close, golden_dir, load_case
-from .helpers_checkpoint import OFFICIAL_TINY, converted_tiny_checkpoint  # noqa: F401
-from .helpers_model import fixture_draws, fixture_images, forward_kwargs
-from .test_qformer import REFERENCE_KEYS
+from conftest import assert_close, golden_dir, load_case
+from helpers_checkpoint import OFFICIAL_TINY, converted_tiny_checkpoint  # noqa: F401
+from helpers_model import fixture_draws, fixture_images, forward_kwargs
+from test_qformer import REFERENCE_KEYS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

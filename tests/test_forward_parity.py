@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .conftest import load_case
-from .helpers_model import fixture_draws, fixture_images, forward_kwargs, tiny_model
-from .test_llm_parity import TOL, assert_matches
+from conftest import load_case
+from helpers_model import fixture_draws, fixture_images, forward_kwargs, tiny_model
+from test_llm_parity import TOL, assert_matches
 
 # fixture tensors that are inputs of the call, or of the other text-target variant
 NOT_OUTPUTS = ("in.", "rng.cfg_uncond_rand", "rng.vae_posterior_eps", "out.gt_text_ids_if_laion_en")

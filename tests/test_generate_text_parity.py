@@ -8,8 +8,8 @@ import re
 import pytest
 import torch
 
-from .conftest import assert_close, load_case
-from .helpers_model import tiny_model
+from conftest import assert_close, load_case
+from helpers_model import tiny_model
 
 TOL = 1e-4
 

@@ -19,8 +19,7 @@ from comfy_mm_interleaved.models.diffusion import (
 )
 from comfy_mm_interleaved.models.image_decoder import ImageDecoder
 from comfy_mm_interleaved.models.unet_mmfs import unet_forward_with_mmfs, unet_skip_channels
-
-from .conftest import assert_close
+from conftest import assert_close
 
 PREFIX = "image_decoder."
 

@@ -15,8 +15,7 @@ from comfy_mm_interleaved.models.diffusion import DiffusionDraws, DiffusionStep,
 from comfy_mm_interleaved.models.image_decoder import ImageDecoder
 from comfy_mm_interleaved.models.posembed import sincos_2d
 from comfy_mm_interleaved.models.visual_tokenizer import VisualTokenizer
-
-from .conftest import REPO_ROOT, assert_close, golden_dir, load_case
+from conftest import REPO_ROOT, assert_close, golden_dir, load_case
 
 ATOL = 1e-4
 PREFIX = "image_decoder."

@@ -15,9 +15,8 @@ from comfy_mm_interleaved.inference import (
     Interleaved,
     TextOptions,
 )
-
-from .conftest import assert_close
-from .test_inference_support import (
+from conftest import assert_close
+from test_inference_support import (
     model_dir,  # noqa: F401
     new_engine,
     noise_image,

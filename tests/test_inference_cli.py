@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .conftest import REPO_ROOT
-from .test_inference_support import model_dir, noise_image, ordinary_ids, tiny_config, words  # noqa: F401
+from conftest import REPO_ROOT
+from test_inference_support import model_dir, noise_image, ordinary_ids, tiny_config, words  # noqa: F401
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

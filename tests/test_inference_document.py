@@ -12,8 +12,7 @@ from PIL import Image
 
 from comfy_mm_interleaved.inference import ImagePart, Interleaved, TextPart, load_documents
 from comfy_mm_interleaved.inference.document import image_key, tensor_to_images, to_rgb
-
-from .test_inference_support import noise_image, solid_image
+from test_inference_support import noise_image, solid_image
 
 
 def pixels(image: Image.Image) -> np.ndarray:

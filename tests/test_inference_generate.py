@@ -30,9 +30,8 @@ from comfy_mm_interleaved.inference.memory import (
     resolve_placement,
 )
 from comfy_mm_interleaved.models.visual_tokenizer import center_crop_resize
-
-from .conftest import REPO_ROOT, assert_close
-from .test_inference_support import (
+from conftest import REPO_ROOT, assert_close
+from test_inference_support import (
     model_dir,  # noqa: F401
     new_engine,
     noise_image,

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from comfy_mm_interleaved.inference import CachePolicy, ImageOptions, InjectedNoise, TextOptions
-
-from .conftest import assert_close, golden_dir, load_case
-from .test_inference_support import (
+from conftest import assert_close, golden_dir, load_case
+from test_inference_support import (
     call_float,
     call_int,
     golden_document,

@@ -19,9 +19,8 @@ from PIL import Image
 from comfy_mm_interleaved.config import MMInterleavedConfig
 from comfy_mm_interleaved.inference import CachePolicy, Interleaved, InterleavedEngine
 from comfy_mm_interleaved.tokenizer import build_word_tokenizer
-
-from .conftest import golden_dir
-from .helpers_checkpoint import convert_tiny_checkpoint
+from conftest import golden_dir
+from helpers_checkpoint import convert_tiny_checkpoint
 
 _MODEL_DIRS: dict[Path, Path] = {}
 

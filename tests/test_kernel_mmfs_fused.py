@@ -15,9 +15,8 @@ import torch
 from comfy_mm_interleaved.models import mmfs as mmfs_module
 from comfy_mm_interleaved.models.mmfs import MMFS
 from comfy_mm_interleaved.ops.cases import causal_image_visibility, level_tables, relative_l2
-
-from .conftest import assert_close, load_case
-from .test_mmfs_parity import build_mmfs
+from conftest import assert_close, load_case
+from test_mmfs_parity import build_mmfs
 
 DEVICE = os.environ.get("MMI_TEST_DEVICE", "cpu")  # on "cpu", tests/conftest.py sets TRITON_INTERPRET=1
 

@@ -22,8 +22,7 @@ from comfy_mm_interleaved.ops.cases import (
     reference_with_grads,
     relative_l2,
 )
-
-from .conftest import assert_close, load_case
+from conftest import assert_close, load_case
 
 DEVICE = os.environ.get("MMI_TEST_DEVICE", "cpu")  # on "cpu", tests/conftest.py sets TRITON_INTERPRET=1
 

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from comfy_mm_interleaved.models.llm import MMDecoder
-
-from .conftest import assert_close, load_case
-from .helpers_model import fixture_visual, forward_kwargs, tiny_config, tiny_model
+from conftest import assert_close, load_case
+from helpers_model import fixture_visual, forward_kwargs, tiny_config, tiny_model
 
 TOL = 1e-4
 CONDITIONING = [

@@ -11,10 +11,9 @@ from safetensors import safe_open
 
 from comfy_mm_interleaved.config import MMInterleavedConfig
 from comfy_mm_interleaved.models.mm_interleaved import MMInterleaved
-
-from .conftest import golden_dir
-from .helpers_model import tiny_config
-from .test_qformer import REFERENCE_KEYS
+from conftest import golden_dir
+from helpers_model import tiny_config
+from test_qformer import REFERENCE_KEYS
 
 OWN_PREFIXES = ("mm_decoder.", "text_decoder.", "context_feat_proj.", "soi_token")
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from comfy_mm_interleaved.models.mmfs import MMFS, image_recency_index
-
-from .conftest import assert_close, load_case
+from conftest import assert_close, load_case
 
 
 def build_mmfs(case, dtype: torch.dtype) -> MMFS:

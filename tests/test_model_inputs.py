@@ -18,9 +18,8 @@ from comfy_mm_interleaved.models.masks import (
 )
 from comfy_mm_interleaved.models.mm_interleaved import MMInterleaved, text_loss
 from comfy_mm_interleaved.models.text_head import TextDecoder
-
-from .conftest import assert_close, load_case
-from .helpers_model import fixture_visual, forward_kwargs, tiny_config, tiny_model
+from conftest import assert_close, load_case
+from helpers_model import fixture_visual, forward_kwargs, tiny_config, tiny_model
 
 CONFIG = tiny_config()
 TOKENS = CONFIG.special_tokens

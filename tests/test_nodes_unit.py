@@ -26,9 +26,8 @@ from comfy_mm_interleaved.inference import ImageOptions, Interleaved, TextOption
 from comfy_mm_interleaved.inference.document import ImagePart
 from comfy_mm_interleaved.shapestories import Attributes, caption_sentence, read_image, render_array
 from comfy_mm_interleaved.shapestories.rules import RADIUS_RANGES
-
-from .comfyui_harness import NODE_IDS, REPO_ROOT, TINY_MODEL, comfyui_dir, install_tiny_model
-from .helpers_checkpoint import converted_tiny_checkpoint  # noqa: F401
+from comfyui_harness import NODE_IDS, REPO_ROOT, TINY_MODEL, comfyui_dir, install_tiny_model
+from helpers_checkpoint import converted_tiny_checkpoint  # noqa: F401
 
 PACK_MODULE = "mmi_pack_under_test"
 

@@ -13,8 +13,7 @@ from comfy_mm_interleaved.ops import (
 )
 from comfy_mm_interleaved.ops.backend import backend_for
 from comfy_mm_interleaved.ops.cases import MSDACase, level_tables, random_case, reference_with_grads
-
-from .conftest import assert_close, load_case
+from conftest import assert_close, load_case
 
 CASES = {
     "odd_sizes": (2, 5, 3, 5, [(7, 5), (4, 3), (1, 1)], 3),

@@ -5,8 +5,7 @@ from __future__ import annotations
 from safetensors.torch import load_file
 
 from comfy_mm_interleaved.models.posembed import sincos_1d, sincos_2d
-
-from .conftest import assert_close, golden_dir
+from conftest import assert_close, golden_dir
 
 
 def test_posembed_parity_with_official_tables() -> None:

@@ -12,8 +12,7 @@ from safetensors.torch import load_file
 
 from comfy_mm_interleaved.config import MMInterleavedConfig, QFormerConfig
 from comfy_mm_interleaved.models.qformer import QFormerResampler
-
-from .conftest import assert_close, load_case
+from conftest import assert_close, load_case
 
 REFERENCE_KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_state_dict_keys.json"
 

@@ -37,8 +37,7 @@ from comfy_mm_interleaved.shapestories.evaluate import (
 )
 from comfy_mm_interleaved.shapestories.render import render
 from comfy_mm_interleaved.tokenizer import build_word_tokenizer
-
-from .test_mmfs_ablation import TOKENIZER_WORDS, active_model, tiny_config, word_tokenizer
+from test_mmfs_ablation import TOKENIZER_WORDS, active_model, tiny_config, word_tokenizer
 
 LIMIT = 2
 SHEET_STORIES = 2

@@ -13,9 +13,8 @@ from safetensors.torch import load_file
 
 from comfy_mm_interleaved.config import MMInterleavedConfig
 from comfy_mm_interleaved.models.visual_tokenizer import VisualTokenizer, preprocess_images
-
-from .conftest import assert_close, load_case
-from .test_qformer import official_key_shapes
+from conftest import assert_close, load_case
+from test_qformer import official_key_shapes
 
 PREFIX = "visual_tokenizer."
 
