@@ -2,7 +2,8 @@
 
     python bench/train.py [--steps 8] [--batch 2] [--seq-len 96] [--golden ../shared/golden] [--device cpu]
 
-Both loops train the tiny official-config MMInterleaved (random init) on the same synthetic interleaved corpus through
+Both loops train the real MMInterleaved at ``MMInterleavedConfig.tiny`` (or, with ``--golden``, the golden fixtures'
+tiny official config; random init) on the same synthetic interleaved corpus through
 the same data stream (packing, image decoding), with AdamW and the same gradient clipping; ours adds accelerate,
 parameter groups, the schedule, logging and the per-step SIGTERM check (checkpoints off). Each loop runs in its own
 subprocess (peak memory = max RSS on CPU, max allocated on CUDA), alternating twice; the best time of each counts.
@@ -49,7 +50,10 @@ def setup(args: argparse.Namespace, folder: Path):
     from comfy_mm_interleaved.train.config import TrainConfig
     from comfy_mm_interleaved.train.sources import SourceConfig
 
-    config = MMInterleavedConfig.from_official_tiny(Path(args.golden) / "tiny_config.json")
+    if args.golden:
+        config = MMInterleavedConfig.from_official_tiny(Path(args.golden) / "tiny_config.json")
+    else:
+        config = MMInterleavedConfig.tiny(len(WORDS) + 4)  # + <unk>, <s>, </s>, <pad>
     torch.manual_seed(0)
     model = MMInterleaved(config)
     tokenizer = build_word_tokenizer(WORDS, config.special_tokens, config.orig_vocab_size)
@@ -88,14 +92,12 @@ def run_ours(cfg, model, tokenizer, args) -> float:  # noqa: ANN001
 
 
 def run_plain(cfg, model, tokenizer, args) -> float:  # noqa: ANN001
+    from comfy_mm_interleaved.train.loop import sync_stream_with_model
     from comfy_mm_interleaved.train.params import apply_freezing
     from comfy_mm_interleaved.train.stream import TrainStream, move_batch
 
     device = torch.device(args.device)
-    cfg.data.num_img_token, cfg.data.decoder_image_size = (
-        model.config.num_img_token,
-        model.config.image_decoder.image_size,
-    )
+    sync_stream_with_model(cfg.data, model.config)
     apply_freezing(model, "official")
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -142,7 +144,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=96)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--golden", default=str(Path(__file__).resolve().parents[2] / "shared" / "golden"))
+    parser.add_argument("--golden", default=None, help="golden fixture folder: bench its tiny official config instead")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--mode", choices=["ours", "plain"], help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -296,7 +296,10 @@ class MMInterleavedConfig(_ConfigBase):
         0, k, 2k, ...; ``decoder_image_size``: the diffusion side's images (64 to 512, dividing 512: the official
         MMFSNet shape rule); ``unet_channels``: UNet and VAE block widths (4 blocks, even); ``decoder_width``: the
         UNet's cross-attention width (= context Q-Former width); ``prompt_length``: the context Q-Former's queries.
-        Heads, MMFS points and the remaining hyper-parameters are fixed at small values or the official ones.
+        Heads, MMFS points and the remaining hyper-parameters are fixed at small values or the official ones; the
+        Q-Formers start at N(0, 1/width) (BLIP-2's 0.02 suits width 768: at width 64 it leaves the visual tokens of
+        a model trained from scratch almost independent of the image) and the LLM's MMFS sampling points start
+        spread over the same share of the image as the official ones on its 16 x 16 grid.
         """
         if vocab_size < 5:
             raise ValueError(f"vocab_size must hold <unk>, <s>, </s>, pad and a word (>= 5), got {vocab_size}")
@@ -329,6 +332,7 @@ class MMInterleavedConfig(_ConfigBase):
             num_hidden_layers=2,
             num_attention_heads=heads,
             intermediate_size=2 * llm_width,
+            initializer_range=llm_width**-0.5,
             qk_normalization=True,
         )
         llm = LLMConfig(
@@ -342,6 +346,7 @@ class MMInterleavedConfig(_ConfigBase):
                 n_points=4,
                 spatial_shapes=[2 * grid, grid, grid // 2],
                 base_spatial_shape=grid,
+                offset_init_magnitude=3.0 * grid / 16,  # the official spread (3 cells of the 16-cell grid)
                 value_dim=vision_width,
             ),
         )
@@ -353,6 +358,7 @@ class MMInterleavedConfig(_ConfigBase):
             num_hidden_layers=1,
             num_attention_heads=heads,
             intermediate_size=2 * decoder_width,
+            initializer_range=decoder_width**-0.5,
             hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0,
         )

@@ -22,11 +22,10 @@ from comfy_mm_interleaved.train.images import center_crop
 from comfy_mm_interleaved.train.packing import Packer, collate_rows, nearest_bos_indices
 from comfy_mm_interleaved.train.sources import SourceConfig, expand_braces, get_format
 from comfy_mm_interleaved.train.stream import StreamConfig, TrainStream
+from conftest import golden_dir, load_case
+from test_train_helpers import WORDS, interleaved_corpus, make_image, tiny_config, write_jsonl
 
-from .conftest import golden_dir, load_case
-from .test_train_standin import WORDS, interleaved_corpus, make_image, standin_config, write_jsonl
-
-CONFIG = standin_config()
+CONFIG = tiny_config(num_img_token=4)  # the hand-counted row lengths below assume 4 image tokens
 SPECIAL = CONFIG.special_tokens
 N_IMG = CONFIG.num_img_token
 
@@ -37,7 +36,9 @@ def tok():
 
 
 def wid(tok, text: str) -> list[int]:
-    return [tok.convert_tokens_to_ids(w) for w in text.split()]
+    ids = [tok.convert_tokens_to_ids(w) for w in text.split()]
+    assert tok.unk_token_id not in ids, text
+    return ids
 
 
 def image_run() -> list[int]:
@@ -76,9 +77,11 @@ def test_document_layout_strips_spaces_around_images_and_marks_prompt_tokens(tok
 def test_word_tokenizer_saves_and_reloads_locally(tok, tmp_path: Path) -> None:
     tok.save_pretrained(tmp_path / "tok")
     again = load_tokenizer(tmp_path / "tok", SPECIAL)
-    assert again.encode("a red <|beginofimage|><|image|>", add_special_tokens=False) == wid(tok, "a red") + [60, 61]
+    image_ids = [SPECIAL.boi_token_id, SPECIAL.image_token_id]
+    assert again.encode("a red <|beginofimage|><|image|>", add_special_tokens=False) == wid(tok, "a red") + image_ids
+    wrong = type(SPECIAL)(pad_token_id=SPECIAL.pad_token_id, boi_token_id=70, image_token_id=71)
     with pytest.raises(ValueError, match="special tokens"):
-        load_tokenizer(tmp_path / "tok", type(SPECIAL)(pad_token_id=59, boi_token_id=70, image_token_id=71))
+        load_tokenizer(tmp_path / "tok", wrong)
     with pytest.raises(FileNotFoundError, match="local folder"):
         load_tokenizer(tmp_path / "missing", SPECIAL)
 
@@ -315,3 +318,10 @@ def test_two_ranks_see_the_rows_of_one_process_with_double_batch(tok, tmp_path: 
         assert torch.equal(both, double[i]["text_ids"])
         imgs = torch.cat([ranks[0][i]["image_tensors"], ranks[1][i]["image_tensors"]])
         assert torch.equal(imgs, double[i]["image_tensors"])
+
+
+def test_streams_without_decoder_images_leave_out_the_image_loss_inputs(tok, tmp_path: Path) -> None:
+    source = SourceConfig("interleaved", str(interleaved_corpus(tmp_path, 2)), image_root=str(tmp_path))
+    (batch,) = take(TrainStream(stream_cfg([source], decoder_images=False), tok, SPECIAL), 1)
+    assert batch["image_tensors_dec"] is None  # the model then computes no image loss
+    assert batch["image_tensors"].shape == (int(batch["num_image_per_seq"].sum()), 3, 32, 32)

@@ -1,11 +1,16 @@
-"""The training loop: exact resume after SIGKILL, SIGTERM checkpoints, corrupt-checkpoint fallback, a 2-process
-CPU run (accelerate launch, gloo) equal to 1 process, parameter groups, schedule, logs."""
+"""The training loop on the real MMInterleaved (tiny configuration): exact resume after SIGKILL, SIGTERM checkpoints,
+corrupt-checkpoint fallback, a 2-process CPU run (accelerate launch, gloo) equal to 1 process, training from a model
+folder, bf16 autocast, parameter groups, schedule, logs."""
 
 from __future__ import annotations
 
+import inspect
 import json
+import logging
+import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -15,26 +20,26 @@ import pytest
 import torch
 import yaml
 
+from comfy_mm_interleaved.checkpoint import save_pretrained
 from comfy_mm_interleaved.train.checkpointing import list_checkpoints, verify_checkpoint
 from comfy_mm_interleaved.train.config import TrainConfig
-from comfy_mm_interleaved.train.loop import lr_multiplier, train
+from comfy_mm_interleaved.train.loop import Trainer, check_forward_takes, lr_multiplier, train
 from comfy_mm_interleaved.train.metrics import crc32c, read_metrics
 from comfy_mm_interleaved.train.params import OFFICIAL_RULES, apply_freezing, build_param_groups
-
-from .test_train_standin import WORDS, build, interleaved_corpus
+from test_train_helpers import WORDS, FaultInjector, build, story_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    return interleaved_corpus(tmp_path_factory.mktemp("corpus"), n_docs=16)
+    return story_corpus(tmp_path_factory.mktemp("corpus"), n_docs=16)
 
 
 def config_dict(out: Path, corpus: Path, **train_over) -> dict:
     return {
-        "model": {"factory": "tests.test_train_standin:build", "tokenizer_words": WORDS},
-        "optim": {"lr": 3e-3, "warmup_steps": 2},
+        "model": {"factory": "test_train_helpers:build", "tokenizer_words": WORDS},
+        "optim": {"lr": 1e-3, "warmup_steps": 2},
         "train": {
             "output_dir": str(out),
             "max_steps": 6,
@@ -49,7 +54,7 @@ def config_dict(out: Path, corpus: Path, **train_over) -> dict:
             **train_over,
         },
         "data": {
-            "seq_len": 32,
+            "seq_len": 48,
             "batch_size": 1,
             "sources": [{"format": "interleaved", "shards": str(corpus), "image_root": str(corpus.parent)}],
         },
@@ -63,7 +68,8 @@ def write_config(path: Path, data: dict) -> Path:
 
 def run_cli(config: Path, env: dict[str, str] | None = None, launcher: list[str] | None = None, timeout: int = 240):
     cmd = (launcher or [sys.executable]) + ["-m", "comfy_mm_interleaved", "train", "--config", str(config)]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    paths = [str(REPO / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])]  # the factory's module
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(paths), **(env or {})}
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -78,31 +84,36 @@ def reference(corpus, tmp_path_factory) -> dict[int, float]:
     result = train(TrainConfig.load(write_config(out / "c.yaml", config_dict(out, corpus))), model=build())
     assert result.step == 6 and not result.stopped_by_signal
     ref = losses(out)
-    assert sorted(ref) == [1, 2, 3, 4, 5, 6] and ref[6] < ref[1]
+    text = read_metrics(out / "metrics.csv", "loss_txt")
+    assert sorted(ref) == [1, 2, 3, 4, 5, 6] and text[6] < text[1]  # (the image loss is noisy: random timesteps)
+    assert all(v > 0 for v in read_metrics(out / "metrics.csv", "loss_img").values())  # diffusion draws in play
     assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [6, 4]  # keep_last 2
     return ref
 
 
-def test_sigkill_between_checkpoints_resumes_and_reproduces_the_losses_exactly(corpus, reference, tmp_path) -> None:
+def test_sigkill_between_checkpoints_resumes_and_reproduces_the_losses_exactly(
+    corpus, reference, tmp_path, caplog
+) -> None:
     config = write_config(tmp_path / "c.yaml", config_dict(tmp_path / "out", corpus))
-    killed = run_cli(config, {"STANDIN_KILL_AT_CALL": "9"})  # first micro-batch of step 5
+    killed = run_cli(config, {"TRAIN_TEST_KILL_AT_CALL": "9"})  # first micro-batch of step 5
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert [s for s, _ in list_checkpoints(tmp_path / "out" / "checkpoints")] == [4, 2]
-    resumed = run_cli(config)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stderr and "step_00000004" in resumed.stderr
+    caplog.set_level(logging.INFO, logger="comfy_mm_interleaved.train.loop")
+    result = train(TrainConfig.load(config), model=build())  # the restart, here in the test process
+    assert result.step == 6 and "step_00000004 at step 4" in caplog.text
     assert losses(tmp_path / "out") == reference  # bit-exact, steps 1-4 before the kill and 5-6 after
 
 
 def test_sigterm_saves_a_checkpoint_and_a_corrupt_one_falls_back(corpus, reference, tmp_path) -> None:
     out = tmp_path / "out"
     config = write_config(tmp_path / "c.yaml", config_dict(out, corpus))
-    stopped = run_cli(config, {"STANDIN_TERM_AT_CALL": "5"})  # during step 3: finish it, save, exit
-    assert stopped.returncode == 0, stopped.stderr[-2000:]
-    assert "stopped by signal at step 3" in stopped.stderr
+    model = build()
+    model.register_forward_pre_hook(FaultInjector(5, signal.SIGTERM))  # SIGTERM during step 3
+    stopped = train(TrainConfig.load(config), model=model)
+    assert stopped.stopped_by_signal and stopped.step == 3  # the step was finished, saved, and the run ended
     assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [3, 2]
     step3 = out / "checkpoints" / "step_00000003"
-    assert verify_checkpoint(step3) is None
+    assert stopped.last_checkpoint == step3 and verify_checkpoint(step3) is None
     # corrupt the newest checkpoint (one flipped byte) and leave a half-written one: resume uses step 2
     weights = next(step3.glob("*.safetensors"))
     data = bytearray(weights.read_bytes())
@@ -155,6 +166,45 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(corpus, 
         assert value == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
 
 
+def test_training_starts_from_a_model_folder_in_our_format(corpus, reference, tmp_path) -> None:
+    folder = save_pretrained(build(), tmp_path / "model")
+    data = config_dict(tmp_path / "out", corpus, max_steps=2, save_every=0)
+    data["model"] = {"init_from": str(folder), "tokenizer_words": WORDS}
+    result = train(TrainConfig.load(write_config(tmp_path / "c.yaml", data)))
+    assert result.step == 2
+    assert losses(tmp_path / "out") == {s: reference[s] for s in (1, 2)}  # the same weights as the factory's
+
+
+@pytest.fixture()
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state whose precision cannot change: start and leave this test clean."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def test_bf16_autocast_training_step_on_cpu(corpus, tmp_path, fresh_accelerate_state) -> None:
+    model = build()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    data = config_dict(tmp_path / "out", corpus, max_steps=1, grad_accum=1, save_every=0, mixed_precision="bf16")
+    data["optim"]["warmup_steps"] = 0
+    trainer = Trainer(TrainConfig.load(write_config(tmp_path / "c.yaml", data)), model=model)
+    assert trainer.accelerator.mixed_precision == "bf16"
+    dtypes = []
+    model.mm_decoder.layers[0].self_attn.q_proj.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
+    assert trainer.train().step == 1
+    assert dtypes == [torch.bfloat16]  # the forward ran under bf16 autocast
+    logged = read_metrics(tmp_path / "out" / "metrics.csv", "loss")
+    assert math.isfinite(logged[1])
+    changed = [n for n, p in model.named_parameters() if n in before and not torch.equal(p.detach(), before[n])]
+    assert "mm_decoder.layers.0.llama_cross_attn.gate" in changed
+    assert "image_decoder.perceiver_resampler.queries" in changed  # reached through the bf16 image loss
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast: float32 master weights
+
+
 def test_official_parameter_groups_and_frozen_parts() -> None:
     model = build()
     apply_freezing(model, "official")
@@ -164,7 +214,7 @@ def test_official_parameter_groups_and_frozen_parts() -> None:
     assert {
         "mm_decoder.embed_tokens.weight",
         "text_decoder.head.weight",
-        "image_decoder.decoder.vae.encoder.weight",
+        "image_decoder.decoder.vae.encoder.conv_in.weight",
     } < frozen
     groups = {g["name"]: g for g in build_param_groups(model, 1e-4, 0.05, OFFICIAL_RULES)}
     by_name = {n: (g["lr"], g["weight_decay"]) for g in groups.values() for n in g["param_names"]}
@@ -178,6 +228,22 @@ def test_official_parameter_groups_and_frozen_parts() -> None:
     assert by_name["visual_tokenizer.pos_ln.weight"] == (1e-4, 0.0)  # nn.LayerNorm: no decay
     assert by_name["soi_token"] == (1e-4, 0.05)
     assert set(by_name) == {n for n, p in model.named_parameters() if p.requires_grad}
+    scratch = build()  # a model trained from scratch: its text head is no frozen pretrained copy
+    apply_freezing(scratch, "none", extra=["image_decoder.decoder.unet."], unfreeze=["text_decoder.head."])
+    trainable = {n for n, p in scratch.named_parameters() if p.requires_grad}
+    assert "text_decoder.head.weight" in trainable and "mm_decoder.embed_tokens.weight" in trainable
+    assert not any(n.startswith(("image_decoder.decoder.unet.", "image_decoder.decoder.vae.")) for n in trainable)
+
+
+def test_a_custom_model_must_take_every_batch_key() -> None:
+    def forward(text_ids, attention_mask, **kwargs): ...  # noqa: ANN001, ANN003, ANN202
+
+    def text_only(text_ids, attention_mask): ...  # noqa: ANN001, ANN202
+
+    batch = {"text_ids": None, "attention_mask": None, "text_loss_mask": None}
+    check_forward_takes(batch, dict(inspect.signature(forward).parameters))
+    with pytest.raises(ValueError, match="text_loss_mask"):
+        check_forward_takes(batch, dict(inspect.signature(text_only).parameters))
 
 
 def test_warmup_cosine_schedule_values() -> None:
@@ -188,7 +254,7 @@ def test_warmup_cosine_schedule_values() -> None:
     assert lr_multiplier(14, 4, 14, "cosine", 0.1) == pytest.approx(0.1)
 
 
-def test_tensorboard_events_are_valid_tfrecords(reference, tmp_path) -> None:
+def test_tensorboard_events_are_valid_tfrecords(tmp_path) -> None:
     assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
     from comfy_mm_interleaved.train.metrics import MetricsLogger
 
@@ -209,8 +275,11 @@ def test_tensorboard_events_are_valid_tfrecords(reference, tmp_path) -> None:
 
 def test_config_rejects_unknown_keys_and_applies_overrides(tmp_path) -> None:
     path = write_config(tmp_path / "c.yaml", {"train": {"max_steps": 3}, "data": {"sources": []}})
-    cfg = TrainConfig.load(path, ["train.grad_accum=4", "optim.betas=[0.9, 0.95]"])
+    cfg = TrainConfig.load(path, ["train.grad_accum=4", "optim.betas=[0.9, 0.95]", "optim.lr=2e-3"])
     assert (cfg.train.max_steps, cfg.train.grad_accum, cfg.optim.betas) == (3, 4, [0.9, 0.95])
+    assert cfg.optim.lr == 0.002  # YAML 1.1 reads 2e-3 as a string: float fields convert it
+    with pytest.raises(ValueError, match="expected a number"):
+        TrainConfig.load(path, ["optim.max_grad_norm=big"])
     with pytest.raises(ValueError, match="unknown keys"):
         TrainConfig.load(path, ["train.max_step=3"])
     json.dumps(cfg.to_dict())  # serialisable

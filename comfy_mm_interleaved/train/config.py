@@ -30,6 +30,7 @@ class ModelSection:
     tokenizer_words: list[str] | None = None  # or: build a word-level tokenizer in-process from these words
     freeze: str = "official"  # "official" (§3.3) or "none"
     freeze_extra: list[str] = field(default_factory=list)  # more name substrings to freeze
+    unfreeze: list[str] = field(default_factory=list)  # name substrings to train anyway (after the freezing)
     gradient_checkpointing: bool = False
 
 
@@ -66,6 +67,9 @@ class TrainSection:
     progress_bar: bool = True
     tensorboard: bool = True
     cpu: bool = False
+    # DDP: which parameters take part depends on the batch (a UNet MMFS block without a source image, the image
+    # decoder without decoder images), so DDP must look for unused ones; False saves a graph walk per step
+    find_unused_parameters: bool = True
 
 
 @dataclass
@@ -128,6 +132,11 @@ def convert(hint: Any, value: Any, where: str) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if value is None:
         return None
+    if float in (hint, *args) and isinstance(value, str):  # YAML 1.1 reads "2e-3" as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{where}: expected a number, got {value!r}") from None
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
         dataclass_args = [a for a in inner if dataclasses.is_dataclass(a)]

@@ -52,11 +52,12 @@ def center_crop(image: Image.Image, size: int) -> torch.Tensor:
 
 
 class DualTransform:
-    """One PIL image -> (encoder tensor [3, enc, enc], decoder tensor [3, dec, dec]), both in [0, 1]."""
+    """One PIL image -> (encoder tensor [3, enc, enc], decoder tensor [3, dec, dec] or None), both in [0, 1]."""
 
-    def __init__(self, encoder_size: int = 224, decoder_size: int = 512) -> None:
+    def __init__(self, encoder_size: int = 224, decoder_size: int | None = 512) -> None:
         self.encoder_size = encoder_size
-        self.decoder_size = decoder_size
+        self.decoder_size = decoder_size  # None: no decoder image (no image loss)
 
-    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        return center_crop(image, self.encoder_size), center_crop(image, self.decoder_size)
+    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor | None]:
+        decoder = None if self.decoder_size is None else center_crop(image, self.decoder_size)
+        return center_crop(image, self.encoder_size), decoder

@@ -138,28 +138,13 @@ def loss_terms(output: Any) -> dict[str, torch.Tensor]:
     return {k: v.detach().float() for k, v in terms.items() if isinstance(v, torch.Tensor)}
 
 
-def prompt_offsets(text_loss_mask: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B] index of each row's first loss token, for a forward that only knows ``ignore_prompt_token_offset``."""
-    real = attention_mask.bool()
-    on = (text_loss_mask.bool() & real).int()
-    first = torch.where(on.any(1), on.argmax(1), torch.full_like(on[:, 0], on.shape[1]))
-    positions = torch.arange(on.shape[1], device=on.device)[None, :]
-    late_prompt = (~text_loss_mask.bool() & real & (positions >= first[:, None])).any(1)
-    if bool(late_prompt.any()):
-        raise ValueError(
-            "rows with prompt tokens after answer tokens (packed or multi-turn SFT rows) need a model forward that "
-            "takes text_loss_mask; with this model use single-turn data and pack: false"
-        )
-    return first
-
-
-def adapt_to_forward(kwargs: dict[str, Any], forward_params: set[str]) -> dict[str, Any]:
-    """Pass the SFT answer mask the way the model's forward takes it."""
-    if "text_loss_mask" in kwargs and "text_loss_mask" not in forward_params:
-        if "ignore_prompt_token_offset" not in forward_params:
-            raise ValueError("the model's forward takes neither text_loss_mask nor ignore_prompt_token_offset")
-        kwargs["ignore_prompt_token_offset"] = prompt_offsets(kwargs.pop("text_loss_mask"), kwargs["attention_mask"])
-    return kwargs
+def check_forward_takes(kwargs: dict[str, Any], forward_params: dict[str, inspect.Parameter]) -> None:
+    """A custom model must take every batch key its data produces (e.g. ``text_loss_mask`` for SFT data)."""
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in forward_params.values()):
+        return
+    missing = sorted(set(kwargs) - set(forward_params))
+    if missing:
+        raise ValueError(f"the model's forward does not take the batch keys {missing}; add them to its signature")
 
 
 class StopSignal:
@@ -186,7 +171,7 @@ class StopSignal:
 class Trainer:
     def __init__(self, cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import DistributedType, set_seed
+        from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 
         self.cfg = cfg
         t = cfg.train
@@ -195,6 +180,7 @@ class Trainer:
             gradient_accumulation_steps=t.grad_accum,
             step_scheduler_with_optimizer=False,
             cpu=t.cpu or None,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=t.find_unused_parameters)],
         )
         acc = self.accelerator
         self.output_dir = Path(t.output_dir)
@@ -202,8 +188,8 @@ class Trainer:
         set_seed(t.seed)
         model = model if model is not None else build_model(cfg)
         self.model_config: MMInterleavedConfig = model.config
-        self.forward_params = set(inspect.signature(model.forward).parameters)
-        apply_freezing(model, cfg.model.freeze, cfg.model.freeze_extra)
+        self.forward_params = dict(inspect.signature(model.forward).parameters)
+        apply_freezing(model, cfg.model.freeze, cfg.model.freeze_extra, cfg.model.unfreeze)
         self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg, self.model_config)
         sync_stream_with_model(cfg.data, self.model_config)
         if cfg.eval.data is not None:
@@ -313,7 +299,7 @@ class Trainer:
                 terms = []
                 for _ in range(t.grad_accum):
                     kwargs, extra = move_batch(next(batches), acc.device)
-                    kwargs = adapt_to_forward(kwargs, self.forward_params)
+                    check_forward_takes(kwargs, self.forward_params)
                     if t.seed_per_batch:
                         torch.manual_seed(t.seed * 1_000_003 + extra["_index"])
                     with acc.accumulate(self.model):
@@ -412,7 +398,7 @@ class Trainer:
                     for i, batch in enumerate(stream):
                         if i >= e.max_batches:
                             break
-                        kwargs = adapt_to_forward(move_batch(batch, acc.device)[0], self.forward_params)
+                        kwargs = move_batch(batch, acc.device)[0]
                         with acc.autocast():
                             losses.append(loss_terms(self.model(**kwargs)))
                     for key in losses[0]:

@@ -176,12 +176,12 @@ def nearest_bos_indices(ids: list[int], bos_token_id: int, boi_token_id: int) ->
 
 def collate_rows(
     rows: list[tuple[list[int], list[int]]],
-    images: list[list[tuple[torch.Tensor, torch.Tensor]]],
+    images: list[list[tuple[torch.Tensor, torch.Tensor | None]]],
     seq_len: int,
     special: SpecialTokens,
     dataset_name: str,
 ) -> dict[str, Any]:
-    """Rows (ids, loss mask) and their decoded images -> the model's keyword arguments.
+    """Rows (ids, loss mask) and their decoded (encoder, decoder or None) images -> the model's keyword arguments.
 
     ``text_loss_mask`` [B, T] is present only when some real token is excluded from the text loss (SFT prompts).
     """
@@ -200,7 +200,7 @@ def collate_rows(
         "text_ids": text_ids,
         "attention_mask": attention_mask,
         "image_tensors": torch.stack([e for e, _ in flat]) if flat else None,
-        "image_tensors_dec": torch.stack([d for _, d in flat]) if flat else None,
+        "image_tensors_dec": torch.stack([d for _, d in flat]) if flat and flat[0][1] is not None else None,
         "num_image_per_seq": torch.tensor([len(r) for r in images], dtype=torch.long),
         "nearest_bos_idxs": torch.tensor(nearest, dtype=torch.long),
         "meta": {"dataset_name": dataset_name},

@@ -43,14 +43,20 @@ def is_officially_frozen(name: str) -> bool:
     return any(prefix in name and not any(e in name for e in exceptions) for prefix, exceptions in OFFICIAL_FROZEN)
 
 
-def apply_freezing(model: nn.Module, mode: str = "official", extra: list[str] | None = None) -> None:
+def apply_freezing(
+    model: nn.Module, mode: str = "official", extra: list[str] | None = None, unfreeze: list[str] | None = None
+) -> None:
     """``official``: freeze as in §3.3 (idempotent with the model's own settings); ``none``: leave as built.
-    ``extra``: more name substrings to freeze (e.g. freeze the UNet for a text-only fine-tune)."""
+    ``extra``: more name substrings to freeze (e.g. freeze the UNet for a text-only fine-tune); then ``unfreeze``:
+    name substrings made trainable (e.g. ``text_decoder.head.``, a frozen copy of a pretrained LLM's head in the
+    official model, for a model trained from scratch)."""
     if mode not in ("official", "none"):
         raise ValueError(f"model.freeze must be 'official' or 'none', got {mode!r}")
     for name, param in model.named_parameters():
         if (mode == "official" and is_officially_frozen(name)) or any(s in name for s in extra or []):
             param.requires_grad_(False)
+        if any(s in name for s in unfreeze or []):
+            param.requires_grad_(True)
 
 
 def no_decay_names(model: nn.Module) -> set[str]:

@@ -43,6 +43,9 @@ class StreamConfig:
     num_img_token: int = 64
     encoder_image_size: int = 224
     decoder_image_size: int = 512
+    # False: no decoder-size images, hence no image loss and no image-decoder compute (SFT whose targets are text
+    # only: its image-first documents give the image loss nothing to learn from anyway)
+    decoder_images: bool = True
     require_image: bool = True  # official: rows without an image are dropped
     shuffle_shards: bool = True
     shuffle_block: int = 1  # shuffle records inside blocks of this many (1: keep file order)
@@ -203,7 +206,7 @@ class TrainStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.state = state
-        self.transform = DualTransform(cfg.encoder_image_size, cfg.decoder_image_size)
+        self.transform = DualTransform(cfg.encoder_image_size, cfg.decoder_image_size if cfg.decoder_images else None)
         weights = [s.weight for s in cfg.sources]
         if min(weights) < 0 or sum(weights) <= 0:
             raise ValueError(f"source weights must be >= 0 with a positive sum, got {weights}")
