@@ -200,3 +200,24 @@ def test_ops_msda_parity(precision: str) -> None:
     kink = golden["flag.kink"][..., None].expand_as(grad_loc)
     assert_close(grad_loc[~kink], golden[f"{precision}.grad.sampling_locations"][~kink], 1e-5, "grad.loc")
     assert_close(grad_loc[kink], golden["f64.grad.sampling_locations"][kink], 1e-5, "grad.loc at kinks")
+
+
+def test_ops_level_tables_are_rechecked_after_an_in_place_edit() -> None:
+    """The level-size check is remembered per table tensor (one host read for many calls) but not past an edit."""
+    from comfy_mm_interleaved.ops.validation import check_levels
+
+    shapes = torch.tensor([[2, 3], [1, 2]])
+    starts = torch.tensor([0, 6])
+    check_levels(shapes, starts, 8)
+    check_levels(shapes, starts, 8)  # remembered
+    with pytest.raises(ValueError, match="add up to"):
+        check_levels(shapes, starts, 9)  # another value size is checked anew
+    shapes[1, 1] = 3  # in place: the version counter moves
+    with pytest.raises(ValueError, match="add up to 9 pixels"):
+        check_levels(shapes, starts, 8)
+    with torch.inference_mode():
+        frozen_shapes, frozen_starts = torch.tensor([[2, 2]]), torch.tensor([0])
+        check_levels(frozen_shapes, frozen_starts, 4)
+        check_levels(frozen_shapes, frozen_starts, 4)
+        with pytest.raises(ValueError, match="add up to"):
+            check_levels(frozen_shapes, frozen_starts, 5)

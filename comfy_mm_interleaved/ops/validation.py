@@ -2,13 +2,15 @@
 
 Metadata checks (ranks, sizes, dtypes, devices, contiguity) always run; they cost nothing and trace under
 ``torch.compile``. The data-dependent check that the level sizes add up to ``S`` and that ``level_start_index`` is
-their running sum reads the two small tables to the host: it runs in eager mode only, and ``MMI_MSDA_CHECK_LEVELS=0``
-switches it off (on a GPU it is a device synchronisation per call).
+their running sum reads the two small tables to the host: it runs in eager mode only, once per pair of table tensors
+(remembered by identity and version counter, so the same tables passed to every MMFS layer and every diffusion step
+are read once), and ``MMI_MSDA_CHECK_LEVELS=0`` switches it off (on a GPU each read is a device synchronisation).
 """
 
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 
@@ -91,9 +93,32 @@ def check_msda_inputs(
     check_levels(spatial_shapes, level_start_index, value.shape[1])
 
 
+# (id(spatial_shapes), id(level_start_index), n_pixels) -> (weak refs, version counters) of tables already checked
+_CHECKED: dict[tuple[int, int, int], tuple[weakref.ref, weakref.ref, int, int]] = {}
+_MAX_CHECKED = 256
+
+
+def _version(table: torch.Tensor) -> int:
+    """In-place edits bump a tensor's version counter; inference-mode tensors have none (identity only)."""
+    return -1 if table.is_inference() else table._version
+
+
+def _already_checked(key: tuple[int, int, int], spatial_shapes: torch.Tensor, level_start_index: torch.Tensor) -> bool:
+    entry = _CHECKED.get(key)
+    return (
+        entry is not None
+        and entry[0]() is spatial_shapes
+        and entry[1]() is level_start_index
+        and entry[2:] == (_version(spatial_shapes), _version(level_start_index))
+    )
+
+
 def check_levels(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, n_pixels: int) -> None:
     """Level sizes must be >= 1, add up to ``n_pixels`` and be laid out by ``level_start_index``."""
     if torch.compiler.is_compiling() or os.environ.get("MMI_MSDA_CHECK_LEVELS", "1") == "0":
+        return
+    key = (id(spatial_shapes), id(level_start_index), n_pixels)
+    if _already_checked(key, spatial_shapes, level_start_index):
         return
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
     starts = [int(s) for s in level_start_index.tolist()]
@@ -108,4 +133,12 @@ def check_levels(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, 
     _require(
         starts == expected,
         f"level_start_index {starts} must be the running sum of H*W, {expected}",
+    )
+    if len(_CHECKED) >= _MAX_CHECKED:
+        _CHECKED.clear()
+    _CHECKED[key] = (
+        weakref.ref(spatial_shapes),
+        weakref.ref(level_start_index),
+        _version(spatial_shapes),
+        _version(level_start_index),
     )
