@@ -11,7 +11,7 @@ engine is re-created around the same weights (its placement and caches belong to
 
 Device ``sequential offload`` lets the engine itself keep the weights in RAM and stream LLM layers onto the GPU
 (least VRAM; ComfyUI does not see that memory); ``cpu`` runs everything on the CPU. Devices come from
-``comfy.model_management``; nothing here calls ``.cuda()``.
+``comfy.model_management``; no device is hard-coded anywhere.
 
 Loaded models are shared through a module-level weak cache keyed by (folder, weights file time, dtype, device
 mode): two loader nodes, or two workflows, asking for the same model get the same one, and it is freed as soon
