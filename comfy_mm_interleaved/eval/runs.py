@@ -1,0 +1,160 @@
+"""Resumable evaluation runs: one output folder per run, per-item results appended as they are made.
+
+A task opens its ``--out`` folder with :class:`RunFolder`, skips the items whose key is in :meth:`RunFolder.done_keys`,
+appends one JSON object per finished item with :meth:`RunFolder.append` (flushed and synced, so a killed run loses at
+most the item in flight) and, at the end, rebuilds its report from :meth:`RunFolder.items` and writes it with
+:meth:`RunFolder.write_report`::
+
+    run = RunFolder(args.out, settings, overwrite=args.overwrite)
+    done = run.done_keys()
+    for key, item in dataset:
+        if key not in done:
+            run.append({"key": key, ...})
+    run.write_report(build_report(run.items()))
+
+Files in the folder: ``run_settings.json`` (the settings the items were made with; a rerun with other settings is an
+error unless ``overwrite``, which starts the run again from nothing), ``items.jsonl`` and ``report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+SETTINGS_FILE = "run_settings.json"
+ITEMS_FILE = "items.jsonl"
+REPORT_FILE = "report.json"
+KEY = "key"  # every item's unique id (a string) within its run
+
+
+def load_json(path: Path, what: str) -> Any:
+    """Read the JSON file ``path``; ``what`` names it in the errors (a missing file, a folder, malformed JSON)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"{what} must be a file, but {path} is a folder")
+    try:
+        with path.open(encoding="utf-8") as file:
+            return json.load(file)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} {path} is not valid JSON: {err}") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what} {path} is not UTF-8 text: {err}") from err
+
+
+def _canonical(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` as it reads back from JSON (tuples become lists...); a TypeError names what is not JSON."""
+    try:
+        return json.loads(json.dumps(settings, sort_keys=True))
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"run settings must be JSON values (str, number, bool, None, list, dict): {err}") from err
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("w", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def _setting_changes(saved: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    """``name: saved -> now`` for every setting that differs."""
+
+    def show(values: dict[str, Any], name: str) -> str:
+        return json.dumps(values[name]) if name in values else "(absent)"
+
+    names = sorted(set(saved) | set(settings))
+    return [
+        f"{name}: {show(saved, name)} -> {show(settings, name)}"
+        for name in names
+        if (name in saved) != (name in settings) or saved.get(name) != settings.get(name)
+    ]
+
+
+class RunFolder:
+    """The output folder of one evaluation run (see the module docstring)."""
+
+    def __init__(self, out: Path, settings: dict[str, Any], overwrite: bool = False) -> None:
+        self.out = Path(out)
+        if self.out.exists() and not self.out.is_dir():
+            raise NotADirectoryError(f"--out must be a folder, but {self.out} is a file")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.settings = _canonical(settings)
+        self.settings_path = self.out / SETTINGS_FILE
+        self.items_path = self.out / ITEMS_FILE
+        self.report_path = self.out / REPORT_FILE
+        if overwrite:
+            self.items_path.unlink(missing_ok=True)
+            self.report_path.unlink(missing_ok=True)
+        elif self.settings_path.exists():
+            self._check_saved_settings()
+        self._drop_partial_line()
+        _atomic_write(self.settings_path, json.dumps(self.settings, indent=2, sort_keys=True) + "\n")
+
+    def _check_saved_settings(self) -> None:
+        saved = load_json(self.settings_path, "saved run settings")
+        if not isinstance(saved, dict):
+            raise ValueError(f"saved run settings {self.settings_path} must be a JSON object; use --overwrite")
+        changes = _setting_changes(saved, self.settings)
+        if changes:
+            raise ValueError(
+                f"{self.out} holds a run made with other settings ({'; '.join(changes)}); rerun with the same "
+                "settings to resume it, pass --overwrite to start it again, or choose another --out"
+            )
+
+    def items(self) -> list[dict[str, Any]]:
+        """Every item appended so far, in order (a key appended twice: the last one). A last line cut short by a
+        killed run is ignored (and removed when the folder is opened again)."""
+        items: dict[str, dict[str, Any]] = {}
+        for number, line in enumerate(self._complete_lines(), start=1):
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"{self.items_path} line {number} is not valid JSON ({err}); delete the line or use --overwrite"
+                ) from err
+            if not isinstance(item, dict) or not isinstance(item.get(KEY), str):
+                raise ValueError(f"{self.items_path} line {number} is not an item with a string {KEY!r}")
+            items.pop(item[KEY], None)
+            items[item[KEY]] = item
+        return list(items.values())
+
+    def done_keys(self) -> set[str]:
+        """The keys of the items already done."""
+        return {item[KEY] for item in self.items()}
+
+    def append(self, item: dict[str, Any]) -> None:
+        """Append one finished item (a JSON object with a string ``key``) and sync it to disk."""
+        if not isinstance(item.get(KEY), str):
+            raise TypeError(f"an item needs a string {KEY!r}, got {item.get(KEY)!r}")
+        line = json.dumps(item, sort_keys=True)
+        with self.items_path.open("a", encoding="utf-8") as file:
+            file.write(line + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+
+    def write_report(self, report: dict[str, Any]) -> Path:
+        """Write ``report.json`` atomically (a reader never sees half a report) and return its path."""
+        _atomic_write(self.report_path, json.dumps(report, indent=2) + "\n")
+        return self.report_path
+
+    def _complete_lines(self) -> list[str]:
+        if not self.items_path.exists():
+            return []
+        text = self.items_path.read_text(encoding="utf-8")
+        lines = text.split("\n")[:-1]  # the text after the last newline is a line cut short (or nothing)
+        return [line for line in lines if line.strip()]
+
+    def _drop_partial_line(self) -> None:
+        if not self.items_path.exists():
+            return
+        data = self.items_path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            with self.items_path.open("r+b") as file:
+                file.truncate(end)
