@@ -12,6 +12,10 @@ most the item in flight) and, at the end, rebuilds its report from :meth:`RunFol
             run.append({"key": key, ...})
     run.write_report(build_report(run.items()))
 
+:func:`run_pending` does that loop for a task (items that cannot be made, such as one whose image is missing, raise
+:class:`SkipItem` and are counted, not appended, so a rerun tries them again) and :func:`find_file` resolves dataset
+files with an error that names every place looked at.
+
 Files in the folder: ``run_settings.json`` (the settings the items were made with; a rerun with other settings is an
 error unless ``overwrite``, which starts the run again from nothing), ``items.jsonl`` and ``report.json``.
 """
@@ -20,8 +24,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 SETTINGS_FILE = "run_settings.json"
 ITEMS_FILE = "items.jsonl"
@@ -158,3 +166,79 @@ class RunFolder:
         if end < len(data):
             with self.items_path.open("r+b") as file:
                 file.truncate(end)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop over the items of a run
+
+Item = TypeVar("Item")
+MAX_LISTED_SKIPS = 20  # skipped items listed by name in a report (all are counted)
+
+
+class SkipItem(Exception):
+    """Raised by a task's work function: this item cannot be evaluated (``reason`` goes into the report)."""
+
+
+@dataclass
+class Skips:
+    """Items skipped in this run: a count per reason and the first few keys with their reason."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: list[dict[str, str]] = field(default_factory=list)
+
+    def add(self, key: str, reason: str, kind: str) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        if len(self.examples) < MAX_LISTED_SKIPS:
+            self.examples.append({"key": key, "reason": reason})
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"count": self.total, "by_kind": dict(self.counts), "examples": list(self.examples)}
+
+
+def run_pending(
+    run: RunFolder,
+    items: Sequence[tuple[str, Item]],
+    work: Callable[[Item], dict[str, Any]],
+    label: str,
+    progress: bool = True,
+) -> tuple[Skips, float]:
+    """Run ``work`` on every ``(key, item)`` not done yet and append its record (``key`` and ``seconds`` added).
+    ``work`` raises :class:`SkipItem` (``args[1]``, when given, is the kind of skip; default ``"skipped"``).
+    Returns the skips and the seconds spent. Progress lines go to stderr about every 5 %."""
+    done = run.done_keys()
+    pending = [(key, item) for key, item in items if key not in done]
+    skips = Skips()
+    every = max(1, len(pending) // 20)
+    start = time.perf_counter()
+    for number, (key, item) in enumerate(pending, start=1):
+        began = time.perf_counter()
+        try:
+            record = work(item)
+        except SkipItem as skip:
+            skips.add(key, str(skip.args[0]), skip.args[1] if len(skip.args) > 1 else "skipped")
+            continue
+        run.append({**record, "key": key, "seconds": round(time.perf_counter() - began, 4)})
+        if progress and (number % every == 0 or number == len(pending)):
+            print(f"{label}: {number}/{len(pending)} new items ({len(done)} done before)", file=sys.stderr)
+    return skips, time.perf_counter() - start
+
+
+def find_file(override: Path | None, root: Path, candidates: Iterable[str], what: str, option: str) -> Path:
+    """``override`` when given (it must exist), else the first of ``root/candidate`` that exists; the error names
+    every path tried and the option that points at the file."""
+    if override is not None:
+        if not Path(override).exists():
+            raise FileNotFoundError(f"{what} not found: {override} (given with {option})")
+        return Path(override)
+    tried = [root / name for name in candidates]
+    for path in tried:
+        if path.exists():
+            return path
+    raise FileNotFoundError(
+        f"{what} not found; looked for {', '.join(str(p) for p in tried)}; point --data at the dataset folder or "
+        f"give the file with {option}"
+    )
