@@ -107,6 +107,29 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# convert-inception (comfy_mm_interleaved/eval/inception_convert.py)
+
+
+def _convert_inception_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", type=Path, help="pt_inception-2015-12-05-6726825d.pth (pytorch-fid's FID weights)")
+    parser.add_argument("dst", type=Path, help="safetensors file to write (pass it to eval as --inception)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing file at DST")
+
+
+@subcommand(
+    "convert-inception",
+    "convert the standard FID Inception weights (.pth) to safetensors, once",
+    _convert_inception_arguments,
+)
+def _convert_inception(args: argparse.Namespace) -> int:
+    from .eval.inception_convert import convert_inception
+
+    convert_inception(args.src, args.dst, args.overwrite, log=lambda message: print(message, file=sys.stderr))
+    print(args.dst)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # info
 
 
