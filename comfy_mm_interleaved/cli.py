@@ -210,6 +210,27 @@ def _train(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# train-embedded (comfy_mm_interleaved/shapestories/train_embedded.py; light imports until it runs)
+
+
+def _train_embedded_arguments(parser: argparse.ArgumentParser) -> None:
+    from .shapestories.train_embedded import add_arguments
+
+    add_arguments(parser)
+
+
+@subcommand(
+    "train-embedded",
+    "train the embedded ShapeStories model from scratch: VAE, main run, export (see docs/TRAINING.md)",
+    _train_embedded_arguments,
+)
+def _train_embedded(args: argparse.Namespace) -> int:
+    from .shapestories.train_embedded import run
+
+    return run(args)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # generate (comfy_mm_interleaved/inference/cli.py; light imports until it runs)
 
 

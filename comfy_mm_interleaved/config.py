@@ -93,6 +93,9 @@ class QFormerConfig(_ConfigBase):
 class VisualTokenizerConfig(_ConfigBase):
     encoder: VisionEncoderConfig = field(default_factory=VisionEncoderConfig)
     resampler: QFormerConfig = field(default_factory=lambda: QFormerConfig(num_queries=64, qk_normalization=True))
+    # std of the visual-token projection's initial weights: the official 1e-3 suits fine-tuning from pretrained
+    # parts; a model trained from scratch needs ~1/sqrt(width) or its image tokens start (and stay) near zero
+    proj_init_std: float = 1e-3
 
 
 @dataclass

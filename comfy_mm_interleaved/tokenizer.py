@@ -62,8 +62,18 @@ class EncodedDocument:
         return len(self.ids)
 
 
-def build_word_tokenizer(words: Iterable[str], special: SpecialTokens, orig_vocab_size: int):
+def build_word_tokenizer(
+    words: Iterable[str],
+    special: SpecialTokens,
+    orig_vocab_size: int,
+    *,
+    split_punctuation: bool = False,
+    lowercase: bool = False,
+):
     """A whitespace word-level tokenizer whose special ids match ``special`` (tiny models, tests, demos).
+
+    ``split_punctuation``: punctuation is split off words (``left.`` -> ``left`` ``.``; list ``.`` / ``?`` among the
+    words) and decoding puts it back without the space (``left.``); ``lowercase``: input is lower-cased first.
 
     Layout: ``<unk>`` 0, ``<s>``/``</s>``/``<pad>`` at their configured ids, the words in order from the first
     free id, unused filler tokens up to ``orig_vocab_size``, then BOI and ``<|image|>``.
@@ -98,9 +108,17 @@ def build_word_tokenizer(words: Iterable[str], special: SpecialTokens, orig_voca
     for i in free:
         vocab[f"<unused{i}>"] = i
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if split_punctuation:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if lowercase:
+        from tokenizers import normalizers
+
+        tok.normalizer = normalizers.Lowercase()
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
+        clean_up_tokenization_spaces=split_punctuation,
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         unk_token=UNK_TOKEN,

@@ -64,7 +64,7 @@ class VisualTokenizer(nn.Module):
         self.post_ln = nn.LayerNorm(dim, eps=1e-6)
         self.perceiver_resampler = QFormerResampler(vt.resampler)
         self.proj = nn.Linear(vt.resampler.hidden_size, config.llm.hidden_size)
-        nn.init.normal_(self.proj.weight, std=1e-3)
+        nn.init.normal_(self.proj.weight, std=vt.proj_init_std)
         nn.init.zeros_(self.proj.bias)
 
     def _check_images(self, images: torch.Tensor) -> None:

@@ -238,6 +238,32 @@ def _check_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
     return tuple(check_choice(k, KINDS, "document kind") for k in kinds)
 
 
+def kind_probabilities(kinds: Sequence[str], weights: Sequence[float] | None) -> np.ndarray:
+    """Normalised probabilities of ``kinds`` (uniform when ``weights`` is None)."""
+    if weights is None:
+        return np.full(len(kinds), 1.0 / len(kinds))
+    probabilities = np.asarray(weights, dtype=np.float64)
+    if probabilities.shape != (len(kinds),) or (probabilities < 0).any() or probabilities.sum() <= 0:
+        raise ValueError(f"weights must be {len(kinds)} non-negative numbers (one per kind), got {weights}")
+    return probabilities / probabilities.sum()
+
+
+def stream_document(
+    index: int,
+    seed: int = TRAIN_SEED,
+    kinds: Sequence[str] = KINDS,
+    weights: Sequence[float] | None = None,
+    min_steps: int = MIN_STEPS,
+    max_steps: int = MAX_STEPS,
+) -> Document:
+    """Document ``index`` of :func:`training_stream` (from ``default_rng([seed, index])``), on its own."""
+    kinds = _check_kinds(kinds)
+    _check_steps(min_steps, max_steps)
+    rng = np.random.default_rng([seed, index])
+    kind = kinds[rng.choice(len(kinds), p=kind_probabilities(kinds, weights))]
+    return make_document(kind, rng, min_steps, max_steps)
+
+
 def training_stream(
     seed: int = TRAIN_SEED,
     kinds: Sequence[str] = KINDS,
@@ -248,18 +274,10 @@ def training_stream(
     """Endless documents; document ``i`` comes from ``default_rng([seed, i])``, its kind drawn by ``weights``."""
     kinds = _check_kinds(kinds)
     _check_steps(min_steps, max_steps)
-    if weights is None:
-        probabilities = np.full(len(kinds), 1.0 / len(kinds))
-    else:
-        probabilities = np.asarray(weights, dtype=np.float64)
-        if probabilities.shape != (len(kinds),) or (probabilities < 0).any() or probabilities.sum() <= 0:
-            raise ValueError(f"weights must be {len(kinds)} non-negative numbers (one per kind), got {weights}")
-        probabilities = probabilities / probabilities.sum()
+    kind_probabilities(kinds, weights)  # fail here, not at the first next()
     index = 0
     while True:
-        rng = np.random.default_rng([seed, index])
-        kind = kinds[rng.choice(len(kinds), p=probabilities)]
-        yield make_document(kind, rng, min_steps, max_steps)
+        yield stream_document(index, seed, kinds, weights, min_steps, max_steps)
         index += 1
 
 

@@ -54,6 +54,9 @@ class TrainResult:
 # Building blocks
 
 
+CONSOLE_SCALARS = ("loss", "loss_txt", "loss_img", "grad_norm", "samples_per_s")
+
+
 def import_object(path: str) -> Any:
     """``package.module:attribute`` -> the attribute."""
     module_name, _, attr = path.partition(":")
@@ -380,6 +383,9 @@ class Trainer:
     def log(self, scalars: dict[str, float]) -> None:
         if self.metrics is not None and scalars:
             self.metrics.log(self.step, scalars)
+            shown = [f"{k} {scalars[k]:.4g}" for k in CONSOLE_SCALARS if k in scalars]
+            if shown and "samples_per_s" in scalars:  # the periodic (log_every) rows, not every step's
+                log.info("step %d: %s", self.step, ", ".join(shown))
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

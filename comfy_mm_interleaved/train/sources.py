@@ -17,6 +17,10 @@ Formats (``SourceConfig.format``):
 * ``annotation``: the official annotation JSON (``sentences``, ``images``, ``sentence_ixs``, ``image_first``).
 * SFT: ``llava`` (conversation JSON/JSONL), ``story`` (``images`` + ``sentences``), ``vqa``
   (``image``, ``question``, ``answer``), ``caption`` (``image``, ``caption``): the prompt is not a loss target.
+* ``shapestories``: the synthetic ShapeStories corpus generated in-process, endless; ``shards`` is only a label
+  (e.g. ``"shapestories"``). Options: ``seed``, ``kinds``, ``weights`` (one per kind), ``min_steps``,
+  ``max_steps``, ``image_size`` (render side, default 64). Record ``i`` is document ``i`` of
+  :func:`~comfy_mm_interleaved.shapestories.training_stream`.
 """
 
 from __future__ import annotations
@@ -390,6 +394,41 @@ def parse_caption(raw: Any, rng: random.Random, opts: dict[str, Any]) -> Documen
     return Document(prompt + [TextSegment(" " + join_caption(caption))], key=str(image))
 
 
+def read_counter(url: str) -> Iterator[int]:
+    """Endless record indices 0, 1, 2, ... (generated sources; the shard name is a label)."""
+    index = 0
+    while True:
+        yield index
+        index += 1
+
+
+SHAPESTORIES_OPTIONS = {"seed", "kinds", "weights", "min_steps", "max_steps", "image_size"}
+
+
+def parse_shapestories(raw: Any, rng: random.Random, opts: dict[str, Any]) -> Document:
+    from ..shapestories import render
+    from ..shapestories.generate import KINDS, MAX_STEPS, MIN_STEPS, TRAIN_SEED, stream_document
+    from ..shapestories.rules import Attributes
+
+    unknown = set(opts) - SHAPESTORIES_OPTIONS
+    if unknown:
+        known = sorted(SHAPESTORIES_OPTIONS)
+        raise ValueError(f"shapestories source: unknown options {sorted(unknown)}; known options: {known}")
+    doc = stream_document(
+        int(raw),
+        seed=opts.get("seed", TRAIN_SEED),
+        kinds=opts.get("kinds", KINDS),
+        weights=opts.get("weights"),
+        min_steps=opts.get("min_steps", MIN_STEPS),
+        max_steps=opts.get("max_steps", MAX_STEPS),
+    )
+    size = int(opts.get("image_size", 64))
+    segments: list[Segment] = [
+        ImageSegment(render(seg, size)) if isinstance(seg, Attributes) else TextSegment(seg) for seg in doc.segments
+    ]
+    return Document(segments, key=f"shapestories-{raw}")
+
+
 @dataclass(frozen=True)
 class Format:
     reader: Callable[[str], Iterator[Any]]
@@ -409,6 +448,7 @@ FORMATS: dict[str, Format] = {
     "story": Format(read_json_array, parse_story, "sft_story", "sample", 30),
     "vqa": Format(read_json_array, parse_vqa, "sft_vqa", "sample", 30),
     "caption": Format(read_json_array, parse_caption, "sft_caption", "sample", 30),
+    "shapestories": Format(read_counter, parse_shapestories, "shapestories", "sample", 30),
 }
 
 
