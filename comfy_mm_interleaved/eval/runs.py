@@ -22,6 +22,7 @@ error unless ``overwrite``, which starts the run again from nothing), ``items.js
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -34,6 +35,7 @@ from typing import Any, TypeVar
 SETTINGS_FILE = "run_settings.json"
 ITEMS_FILE = "items.jsonl"
 REPORT_FILE = "report.json"
+PREDICTIONS_FILE = "predictions.json"  # a task's predictions in its benchmark's results format
 KEY = "key"  # every item's unique id (a string) within its run
 
 
@@ -70,8 +72,20 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
+def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as ``{"decoding.num_beams": 5, ...}``."""
+    flat: dict[str, Any] = {}
+    for name, value in settings.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
 def _setting_changes(saved: dict[str, Any], settings: dict[str, Any]) -> list[str]:
-    """``name: saved -> now`` for every setting that differs."""
+    """``name: saved -> now`` for every (nested) setting that differs."""
+    saved, settings = _flatten(saved), _flatten(settings)
 
     def show(values: dict[str, Any], name: str) -> str:
         return json.dumps(values[name]) if name in values else "(absent)"
@@ -242,3 +256,147 @@ def find_file(override: Path | None, root: Path, candidates: Iterable[str], what
         f"{what} not found; looked for {', '.join(str(p) for p in tried)}; point --data at the dataset folder or "
         f"give the file with {option}"
     )
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, default_out: Path) -> None:
+    """``--out``, ``--limit``, ``--overwrite`` and ``--no-progress`` of a resumable task."""
+    parser.add_argument("--out", type=Path, default=default_out, help=f"output folder (default {default_out})")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N items (default: all)")
+    parser.add_argument("--overwrite", action="store_true", help="discard the results already in --out and start again")
+    parser.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+
+
+def first_items(items: list[Item], limit: int | None) -> list[Item]:
+    """The first ``limit`` items (all when None); ``--limit`` must be >= 1."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
+    return items if limit is None else items[:limit]
+
+
+def image_folder(override: Path | None, data: Path, candidates: Iterable[str]) -> Path:
+    """``--images`` when given (it must be a folder), else the first candidate folder under ``data`` that exists, else
+    ``data`` itself."""
+    if override is not None:
+        if not Path(override).is_dir():
+            raise NotADirectoryError(f"--images must be a folder of images, got {override}")
+        return Path(override)
+    for name in candidates:
+        if (data / name).is_dir():
+            return data / name
+    return data
+
+
+def image_path(folder: Path, relative: str) -> Path:
+    """Where an image of the annotations is: ``folder/relative``, else ``folder/<file name>`` (``--images`` pointing
+    straight at the folder that holds the files)."""
+    path = folder / relative
+    return path if path.is_file() else folder / Path(relative).name
+
+
+def require_some_images(folder: Path, relatives: Sequence[str]) -> None:
+    """A clear error (before loading the model) when none of the images to evaluate is in ``folder``; single missing
+    images are skipped and counted later."""
+    if relatives and not any(image_path(folder, r).is_file() for r in relatives):
+        raise FileNotFoundError(
+            f"none of the {len(relatives)} images to evaluate is in {folder} (e.g. {folder / relatives[0]}); point "
+            "--images at the image folder"
+        )
+
+
+def load_image(folder: Path, relative: str) -> Any:
+    """The RGB image of an item, or :class:`SkipItem` (kind ``missing_image`` / ``unreadable_image``)."""
+    from ..inference.document import load_image_file
+
+    path = image_path(folder, relative)
+    if not path.is_file():
+        raise SkipItem(f"image not found: {folder / relative}", "missing_image")
+    try:
+        return load_image_file(path)
+    except ValueError as err:
+        raise SkipItem(str(err), "unreadable_image") from None
+
+
+def add_decoding_arguments(
+    parser: argparse.ArgumentParser, beams: int, max_new_tokens: int, min_new_tokens: int, length_penalty: float
+) -> None:
+    """Beam-search options of a text task; the defaults given are the official protocol's."""
+    parser.add_argument("--num-beams", type=int, default=beams, help=f"beams (official: {beams})")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=max_new_tokens, help=f"most new tokens (official: {max_new_tokens})"
+    )
+    parser.add_argument(
+        "--min-new-tokens",
+        type=int,
+        default=min_new_tokens,
+        help=f"fewest new tokens before an end token may come (official: {min_new_tokens}; the official min_length "
+        "counts a placeholder <s>, so min_length 8 is 7 new tokens)",
+    )
+    parser.add_argument(
+        "--length-penalty",
+        type=float,
+        default=length_penalty,
+        help=f"beam score = log-probability / length ** this (official: {length_penalty})",
+    )
+
+
+def text_options(args: argparse.Namespace) -> Any:
+    """The :class:`TextOptions` of :func:`add_decoding_arguments` (deterministic beam search, stops at ``</s>`` and
+    at ``<|beginofimage|>`` as the official decoding does); a ValueError names a bad value."""
+    from ..inference.options import TextOptions
+
+    options = TextOptions(
+        max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.min_new_tokens,
+        num_beams=args.num_beams,
+        length_penalty=args.length_penalty,
+        stop_on_image=True,
+    )
+    try:
+        options.validate()
+    except ValueError as err:
+        raise ValueError(f"decoding options: {err}") from None
+    return options
+
+
+def write_outputs(
+    run: RunFolder,
+    *,
+    header: dict[str, Any],
+    metrics: dict[str, Any] | None,
+    items: Sequence[dict[str, Any]],
+    selected: int,
+    skips: Skips,
+    settings: dict[str, Any],
+    predictions: list[dict[str, Any]],
+    timings: dict[str, float],
+) -> Path:
+    """Write ``predictions.json`` (the benchmark's results format) and ``report.json`` (``header`` fields first,
+    then metrics, counts, skipped items, settings, code revision, timings, files) and return the report's path."""
+    from . import git_revision
+
+    (run.out / PREDICTIONS_FILE).write_text(json.dumps(predictions, indent=1) + "\n")
+    report = {
+        **header,
+        "metrics": metrics,
+        "counts": {"selected": selected, "evaluated": len(items), "skipped_this_run": skips.total},
+        "skipped": skips.to_dict(),
+        "settings": settings,
+        "code": git_revision(),
+        "timings": {
+            **{name: round(seconds, 3) for name, seconds in timings.items()},
+            "generation_seconds_all_items": round(sum(item.get("seconds", 0.0) for item in items), 3),
+        },
+        "files": {"items": ITEMS_FILE, "predictions": PREDICTIONS_FILE, "settings": SETTINGS_FILE},
+    }
+    return run.write_report(report)
+
+
+def require_field(entry: Any, name: str, kind: type | tuple[type, ...], where: str) -> Any:
+    """``entry[name]`` of a parsed annotation entry, with a ValueError naming ``where`` when it is absent or of
+    another type."""
+    if not isinstance(entry, dict) or name not in entry:
+        raise ValueError(f"{where} has no {name!r}")
+    if not isinstance(entry[name], kind):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ValueError(f"{where}: {name!r} must be {names}, got {entry[name]!r}")
+    return entry[name]
