@@ -30,7 +30,8 @@ from typing import Any
 from ..cli import Subcommand, add_subcommands, subcommand
 
 EVAL_TASKS: dict[str, Subcommand] = {}
-TASK_MODULES: tuple[str, ...] = ("shapes", "caption", "vqa")  # imported (and so registered) when the eval parser is built
+# imported (and so registered) when the eval parser is built
+TASK_MODULES: tuple[str, ...] = ("shapes", "caption", "vqa")
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 Run = Callable[[argparse.Namespace], int | None]
