@@ -31,7 +31,7 @@ from ..cli import Subcommand, add_subcommands, subcommand
 
 EVAL_TASKS: dict[str, Subcommand] = {}
 # imported (and so registered) when the eval parser is built
-TASK_MODULES: tuple[str, ...] = ("shapes", "caption", "vqa")
+TASK_MODULES: tuple[str, ...] = ("shapes", "t2i", "caption", "vqa")
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 Run = Callable[[argparse.Namespace], int | None]

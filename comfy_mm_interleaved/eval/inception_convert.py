@@ -28,7 +28,8 @@ FID_CLASSES = 1008
 COUNTER_SUFFIX = ".num_batches_tracked"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):
@@ -81,7 +82,7 @@ def convert_inception(
         raise ValueError(f"{dst} already exists; pass --overwrite to replace it")
     if dst.suffix != ".safetensors":
         raise ValueError(f"the destination must be a .safetensors file, got {dst}")
-    sha256 = _sha256(src) if src.is_file() else ""
+    sha256 = file_sha256(src) if src.is_file() else ""
     tensors = fid_inception_state_dict(read_inception_pth(src), str(src))
     if not sha256.startswith(STANDARD_SHA256_PREFIX):
         log(
