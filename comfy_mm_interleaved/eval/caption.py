@@ -53,6 +53,7 @@ from .runs import (
     text_options,
     write_outputs,
 )
+from .text_metrics import TOKENIZERS, caption_scores, resolve_tokenizer
 
 PROMPT = "a photo of"  # after the image (official instr_prompts["text"] of ImageTextPairCollator)
 BEAMS, MAX_NEW_TOKENS, MIN_NEW_TOKENS, LENGTH_PENALTY = 5, 20, 7, 1.0
@@ -181,7 +182,7 @@ def _arguments_for(benchmark: CaptionBenchmark) -> Callable[[argparse.ArgumentPa
         )
         parser.add_argument(
             "--caption-tokenizer",
-            choices=["auto", "ptb-java", "python"],
+            choices=TOKENIZERS,
             default="auto",
             help="tokenizer of the scores: the Java PTB tokenizer of pycocoevalcap, or its pure-Python stand-in "
             "(auto: Java when java is on the PATH)",
@@ -194,8 +195,6 @@ def score_captions(
     images: list[CaptionImage], captions: dict[str, str], first_sentence: bool, tokenizer: str
 ) -> dict[str, Any]:
     """BLEU-1..4 and CIDEr (x100) of the captioned images; NoCaps images also per domain."""
-    from .text_metrics import caption_scores
-
     done = [image for image in images if image.key in captions]
 
     def scores(subset: list[CaptionImage]) -> dict[str, float]:
@@ -211,7 +210,6 @@ def score_captions(
 def _run(benchmark: CaptionBenchmark, args: argparse.Namespace) -> int:
     from ..inference.document import Interleaved
     from ..inference.engine import resolve_model_dir
-    from .text_metrics import resolve_tokenizer
 
     options = text_options(args)
     tokenizer = resolve_tokenizer(args.caption_tokenizer)
@@ -234,7 +232,8 @@ def _run(benchmark: CaptionBenchmark, args: argparse.Namespace) -> int:
     done = run.done_keys()
     require_some_images(folder, [i.file for i in images if i.key not in done])
 
-    engine, _, load_seconds = load_engine(args) if len(done) < len(images) else (None, None, 0.0)
+    missing = any(i.key not in done for i in images)
+    engine, _, load_seconds = load_engine(args) if missing else (None, None, 0.0)
 
     def caption(image: CaptionImage) -> dict[str, Any]:
         picture = load_image(folder, image.file)

@@ -328,8 +328,8 @@ def add_decoding_arguments(
         "--min-new-tokens",
         type=int,
         default=min_new_tokens,
-        help=f"fewest new tokens before an end token may come (official: {min_new_tokens}; the official min_length "
-        "counts a placeholder <s>, so min_length 8 is 7 new tokens)",
+        help=f"fewest new tokens before an end token may come (official: {min_new_tokens}, from the official "
+        "min_length, which also counts a placeholder <s>)",
     )
     parser.add_argument(
         "--length-penalty",

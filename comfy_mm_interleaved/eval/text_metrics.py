@@ -223,9 +223,12 @@ def tokenize_captions(captions: Mapping[str, Sequence[str]], tokenizer: str) -> 
     if tokenizer != "ptb-java":
         raise ValueError(f"tokenize_captions takes ptb-java or python, got {tokenizer!r}")
     ptb = _import_pycocoevalcap("tokenizer.ptbtokenizer").PTBTokenizer()
-    tokenized = ptb.tokenize({key: [{"caption": c} for c in texts] for key, texts in captions.items()})
+    try:  # it writes a temporary file next to its jar, inside the installed package
+        tokenized = ptb.tokenize({key: [{"caption": c} for c in texts] for key, texts in captions.items()})
+    except OSError as err:
+        raise ValueError(f"the Java PTB tokenizer failed ({err}); use --caption-tokenizer python") from err
     if any(len(tokenized.get(key, [])) != len(texts) for key, texts in captions.items()):
-        raise RuntimeError("the Java PTB tokenizer returned fewer captions than it was given; rerun with python")
+        raise ValueError("the Java PTB tokenizer lost captions; use --caption-tokenizer python")
     return {key: list(tokenized[key]) for key in captions}
 
 

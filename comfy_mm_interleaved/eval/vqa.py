@@ -57,6 +57,7 @@ from .runs import (
     text_options,
     write_outputs,
 )
+from .text_metrics import extract_short_answer, vizwiz_accuracy, vqa_accuracy
 
 PROMPT_BEFORE_IMAGE = "Based on the image, please answer the question."
 PROMPT_AFTER_QUESTION = "Please provide an accurate answer within one word. The answer is:"
@@ -225,8 +226,6 @@ def score_answers(
     questions: list[Question], answers: dict[str, str], protocol: str, extraction: str
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """VQA accuracy (x100) overall and per answer type, and the scored (extracted) answer of each key."""
-    from .text_metrics import extract_short_answer, vizwiz_accuracy, vqa_accuracy
-
     accuracy = vizwiz_accuracy if protocol == "vizwiz" else vqa_accuracy
     scored = {key: extract_short_answer(text) if extraction == "official" else text for key, text in answers.items()}
     per_type: dict[str, list[float]] = {}
@@ -271,7 +270,8 @@ def _run(benchmark: VQABenchmark, args: argparse.Namespace) -> int:
     run = RunFolder(args.out, settings, overwrite=args.overwrite)
     done = run.done_keys()
     require_some_images(folder, [q.file for q in questions if q.key not in done])
-    engine, _, load_seconds = load_engine(args) if len(done) < len(questions) else (None, None, 0.0)
+    missing = any(q.key not in done for q in questions)
+    engine, _, load_seconds = load_engine(args) if missing else (None, None, 0.0)
 
     def answer(question: Question) -> dict[str, Any]:
         picture = load_image(folder, question.file)
