@@ -10,6 +10,7 @@ embedded model).
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -198,7 +199,7 @@ def test_coco_t2i_end_to_end_clip_reranking_resume(eval_model_dir, coco, incepti
     assert main(command) == 0
     report = _read(out / "report.json")
     assert report["benchmark"] == "coco-t2i" and report["n_fake"] == 3 and report["n_real"] == 3
-    assert report["fid"] == pytest.approx(report["fid"]) and report["fid"] > 0  # finite, two different sets
+    assert math.isfinite(report["fid"]) and report["fid"] > 0  # two different image sets
     assert report["kid_subset_size"] == 3 and report["kid_std"] == pytest.approx(0.0, abs=1e-9)
     sampling = report["settings"]["sampling"]
     assert sampling == {"steps": 2, "guidance_scale": 3.5, "scheduler": "ddpm", "samples": 2, "clip": str(clip_dir)}
@@ -234,6 +235,9 @@ def test_coco_t2i_end_to_end_clip_reranking_resume(eval_model_dir, coco, incepti
     assert direct["fid"] == pytest.approx(report["fid"], rel=1e-9)
     assert direct["kid_mean"] == pytest.approx(report["kid_mean"], rel=1e-9)
     assert (direct["n_real"], direct["n_fake"]) == (3, 3)
+    same = ["eval", "fid", "--real", str(real), "--fake", str(real), "--out", str(fid_out)]
+    assert main([*same, "--inception", str(inception_file), "--device", "cpu"]) == 0
+    assert abs(_read(fid_out / "report.json")["fid"]) < 1e-6  # a set against itself
 
     # resume: nothing is generated again, the same report
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
@@ -267,6 +271,17 @@ def test_lncoco_images_only_then_metrics(eval_model_dir, lncoco, inception_file,
         "a blue square at the top",
     ]
     assert all(item["clip_scores"] is None and item["chosen"] == 0 for item in items)
+    assert [item["seed"] for item in items] == [0, 1, 2, 3]  # seed + index * samples
+
+    # a run killed after the last image was saved but before its item was written: only that image is drawn
+    # again, identically (seeded)
+    last = out / "images" / "00003.png"
+    pixels = Image.open(last).tobytes()
+    lines = (out / "items.jsonl").read_text().splitlines(keepends=True)
+    (out / "items.jsonl").write_text("".join(lines[:-1]))
+    assert main([*command, "--images-only"]) == 0
+    assert _read(out / "report.json")["timings"]["images_generated"] == 1
+    assert Image.open(last).tobytes() == pixels and len(_items(out)) == 4
 
     # later: the same command with the Inception weights computes the metrics from the saved images
     assert main([*command, "--inception", str(inception_file), "--fid-resolution", "64"]) == 0
@@ -274,6 +289,11 @@ def test_lncoco_images_only_then_metrics(eval_model_dir, lncoco, inception_file,
     assert report["timings"]["images_generated"] == 0
     assert (report["n_real"], report["n_real_unique"], report["n_fake"]) == (4, 2, 4)  # one real image per caption
     assert report["settings"]["metric"]["fid_resolution"] == 64 and report["fid"] > 0
+
+    # --overwrite starts again from nothing
+    assert main([*command, "--images-only", "--limit", "2", "--overwrite"]) == 0
+    assert _read(out / "report.json")["timings"]["images_generated"] == 2
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["00000.png", "00001.png"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
