@@ -306,7 +306,7 @@ def _error(capsys, argv: list[str]) -> str:
     return capsys.readouterr().err
 
 
-def test_t2i_bad_input(coco, lncoco, inception_file, tmp_path, capsys):
+def test_t2i_bad_input(eval_model_dir, coco, lncoco, inception_file, tmp_path, capsys):  # noqa: F811
     base = ["eval", "coco-t2i", "--model", str(tmp_path), "--out", str(tmp_path / "out"), *STEPS]
     with_inception = [*base, "--inception", str(inception_file)]
 
@@ -331,6 +331,11 @@ def test_t2i_bad_input(coco, lncoco, inception_file, tmp_path, capsys):
 
     err = _error(capsys, [*with_inception, "--data", str(coco), "--samples", "2"])
     assert "needs --clip" in err
+
+    no_clip = ["eval", "coco-t2i", "--model", str(eval_model_dir), "--data", str(coco), "--images-only", *STEPS]
+    no_clip += ["--out", str(tmp_path / "no-clip"), "--clip", str(tmp_path / "clip-missing")]
+    err = _error(capsys, no_clip)
+    assert "CLIP folder" in err and "does not exist" in err
 
     missing_weights = [*base, "--data", str(coco), "--inception", str(tmp_path / "none.safetensors")]
     assert "convert-inception" in _error(capsys, missing_weights)

@@ -490,8 +490,8 @@ def _image_maker(args: argparse.Namespace, folder: Path, samples: int) -> tuple[
     from ..inference.document import Interleaved
     from ..inference.options import ImageOptions
 
+    reranker = None if args.clip is None else ClipReranker(args.clip, _device(args))  # its errors come first
     engine, _, load_seconds = load_engine(args)
-    reranker = None if args.clip is None else ClipReranker(args.clip, _device(args))
 
     def draw(caption: Caption) -> dict[str, Any]:
         seed = args.seed + caption.index * samples
