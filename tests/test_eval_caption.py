@@ -235,3 +235,18 @@ def test_run_folder_resume_bookkeeping(tmp_path):
     assert load_json(report, "report") == {"metric": 1.5} and not list(out.glob("*.tmp"))
     with pytest.raises(FileNotFoundError, match="VQA question file not found"):
         load_json(out / "nope.json", "VQA question file")
+
+
+def test_coco_overrides_and_unreadable_image(eval_model_dir, tmp_path):  # noqa: F811
+    # the caption file elsewhere (--annotations) and --images pointing straight at val2014/; one image is corrupt
+    data = coco_dataset(tmp_path / "coco")
+    annotations = (data / "dataset_coco.json").rename(tmp_path / "karpathy.json")
+    (data / "val2014" / "COCO_val2014_000000500002.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "out"
+    arguments = ["--annotations", str(annotations), "--images", str(data / "val2014"), "--max-new-tokens", "8"]
+    assert run_cli("coco-caption", eval_model_dir, tmp_path / "nowhere", out, *arguments) == 0
+    report = load_json(out / "report.json", "report")
+    assert report["counts"] == {"selected": 3, "evaluated": 2, "skipped_this_run": 1}
+    assert report["skipped"]["by_kind"] == {"unreadable_image": 1}
+    assert report["settings"]["annotations"] == str(annotations.resolve())
+    assert report["settings"]["images"] == str((data / "val2014").resolve())

@@ -13,11 +13,16 @@ most the item in flight) and, at the end, rebuilds its report from :meth:`RunFol
     run.write_report(build_report(run.items()))
 
 :func:`run_pending` does that loop for a task (items that cannot be made, such as one whose image is missing, raise
-:class:`SkipItem` and are counted, not appended, so a rerun tries them again) and :func:`find_file` resolves dataset
-files with an error that names every place looked at.
+:class:`SkipItem` and are counted, not appended, so a rerun tries them again). The other helpers are shared by the
+dataset tasks: :func:`load_json` and :func:`find_file` (clear errors for missing / malformed files, naming every place
+looked at), :func:`require_field` (a malformed entry), :func:`image_folder` / :func:`load_image` /
+:func:`require_some_images` (images of the annotations), :func:`add_run_arguments` (``--out --limit --overwrite
+--no-progress``), :func:`add_decoding_arguments` / :func:`text_options` (beam search) and :func:`write_outputs`
+(``report.json`` + ``predictions.json``).
 
 Files in the folder: ``run_settings.json`` (the settings the items were made with; a rerun with other settings is an
-error unless ``overwrite``, which starts the run again from nothing), ``items.jsonl`` and ``report.json``.
+error unless ``overwrite``, which starts the run again from nothing), ``items.jsonl``, ``report.json`` and, for the
+tasks that use :func:`write_outputs`, ``predictions.json``.
 """
 
 from __future__ import annotations
@@ -190,7 +195,13 @@ MAX_LISTED_SKIPS = 20  # skipped items listed by name in a report (all are count
 
 
 class SkipItem(Exception):
-    """Raised by a task's work function: this item cannot be evaluated (``reason`` goes into the report)."""
+    """Raised by a task's work function: this item cannot be evaluated; ``reason`` goes into the report, ``kind``
+    (such as ``missing_image``) is what the report counts."""
+
+    def __init__(self, reason: str, kind: str = "skipped") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.kind = kind
 
 
 @dataclass
@@ -220,9 +231,9 @@ def run_pending(
     label: str,
     progress: bool = True,
 ) -> tuple[Skips, float]:
-    """Run ``work`` on every ``(key, item)`` not done yet and append its record (``key`` and ``seconds`` added).
-    ``work`` raises :class:`SkipItem` (``args[1]``, when given, is the kind of skip; default ``"skipped"``).
-    Returns the skips and the seconds spent. Progress lines go to stderr about every 5 %."""
+    """Run ``work`` on every ``(key, item)`` not done yet and append its record (``key`` and ``seconds`` added);
+    an item whose ``work`` raises :class:`SkipItem` is counted, not appended. Returns the skips and the seconds spent.
+    Progress lines go to stderr about every 5 %."""
     done = run.done_keys()
     pending = [(key, item) for key, item in items if key not in done]
     skips = Skips()
@@ -233,7 +244,7 @@ def run_pending(
         try:
             record = work(item)
         except SkipItem as skip:
-            skips.add(key, str(skip.args[0]), skip.args[1] if len(skip.args) > 1 else "skipped")
+            skips.add(key, skip.reason, skip.kind)
             continue
         run.append({**record, "key": key, "seconds": round(time.perf_counter() - began, 4)})
         if progress and (number % every == 0 or number == len(pending)):
