@@ -202,6 +202,22 @@ def test_cli_ablation_choice_and_determinism(evaluated: Path, model_dir: Path, t
     assert report["files"]["contact_sheet"] is None and not (tmp_path / "contact_sheet.png").exists()
 
 
+def test_cli_jobs_give_the_same_outputs(
+    evaluated: Path, model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``--jobs 2`` (two worker processes, each its own engine) writes exactly the outputs of the one-process run."""
+    status = run_cli("--model", str(model_dir), "--out", str(tmp_path), "--limit", "2", "--tasks", "caption,story",
+                     "--sheet-stories", "0", "--jobs", "2")  # fmt: skip
+    assert status == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["settings"]["jobs"] == 2
+    first = [json.loads(line) for line in (evaluated / "outputs.jsonl").read_text().splitlines()]
+    again = [json.loads(line) for line in (tmp_path / "outputs.jsonl").read_text().splitlines()]
+    assert again == [r for r in first if r["set"] in ("caption", "story") and r["index"] < 2]
+    assert run_cli("--model", str(model_dir), "--out", str(tmp_path), "--jobs", "0") == 1
+    assert "--jobs must be >= 1" in capsys.readouterr().err
+
+
 def test_cli_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setattr(engine_module, "EMBEDDED_MODEL_DIR", tmp_path / "not-shipped")
     assert run_cli("--out", str(tmp_path), "--limit", "1") == 1

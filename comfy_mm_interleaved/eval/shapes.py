@@ -12,6 +12,7 @@ of each MMFS setting). Prints the report path.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -59,6 +60,13 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         "--sheet-stories", type=int, default=8, help="stories on the contact sheet (default 8; 0: no sheet)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="worker processes, each with its own copy of the model and one torch thread (CPU evaluation on N "
+        "cores); the outputs are the same for any value (default 1)",
+    )
 
 
 def _options(args: argparse.Namespace):
@@ -81,6 +89,7 @@ def _options(args: argparse.Namespace):
 
 @eval_task("shapes", "ShapeStories: caption / generation accuracy, story consistency, MMFS ablation", _arguments)
 def run_shapes(args: argparse.Namespace) -> int:
+    from ..inference.engine import InterleavedEngine
     from ..shapestories.contact_sheet import contact_sheet
     from ..shapestories.evaluate import SPLIT, build_sets, evaluate
     from ..shapestories.generate import SPLIT_SEEDS
@@ -89,9 +98,16 @@ def run_shapes(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     sets = build_sets(tasks, args.limit, args.extra_step, args.max_steps)  # input checked before loading the model
     settings = ABLATION_SETTINGS[args.ablation]
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     engine, model, load_seconds = load_engine(args)
+    factory = functools.partial(
+        InterleavedEngine.from_pretrained, model["folder"], dtype=args.dtype, device=args.device
+    )
     start = time.perf_counter()
-    evaluation = evaluate(engine, sets, options, settings, progress=not args.no_progress)
+    evaluation = evaluate(
+        engine, sets, options, settings, progress=not args.no_progress, jobs=args.jobs, engine_factory=factory
+    )
     evaluate_seconds = time.perf_counter() - start
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -121,6 +137,7 @@ def run_shapes(args: argparse.Namespace) -> int:
             "dtype": args.dtype,
             "placement": engine.placement.to_dict(),
             "threads": _torch_threads(),
+            "jobs": args.jobs,
         },
         **evaluation.report(),
         "timings": {

@@ -382,44 +382,102 @@ def _labels(image: Image.Image) -> dict[str, str] | None:
     return None if reading is None else reading.labels()
 
 
+EngineFactory = Callable[[], Any]  # picklable: builds an InterleavedEngine inside a worker process
+
+
 def evaluate(
     engine: Any,
     sets: Sequence[EvalSet],
     options: EvalOptions | None = None,
     settings: Sequence[str] = ("on", "off"),
     progress: bool = True,
+    jobs: int = 1,
+    engine_factory: EngineFactory | None = None,
 ) -> Evaluation:
-    """Run and score every set with MMFS on and / or off (``settings``); a progress bar per set on stderr."""
+    """Run and score every set with MMFS on and / or off (``settings``); a progress bar per set on stderr.
+
+    ``jobs`` > 1 spreads the documents of each set over that many worker processes, each with its own engine from
+    ``engine_factory`` (one torch thread each). Every document is generated on its own with its own seeds, so the
+    outputs are the same as with ``jobs=1``.
+    """
     options = options or EvalOptions()
     unknown = [s for s in settings if s not in MMFS_SETTINGS]
     if not settings or unknown:
         raise ValueError(f"settings must be one or both of 'on', 'off' (MMFS switched on / off), got {list(settings)}")
+    if jobs < 1 or (jobs > 1 and engine_factory is None):
+        raise ValueError(f"jobs must be >= 1 (and > 1 needs an engine_factory for the workers), got {jobs}")
     form = TextForm.of(engine.tokenizer)
     image_size = engine.config.image_decoder.image_size
     runner = Runner(engine, options, form, image_size)
     evaluation = Evaluation(list(sets), form, image_size)
-    for setting in settings:
-        ablation = contextlib.nullcontext() if MMFS_SETTINGS[setting] else engine.mmfs_ablation()
-        outputs, results, seconds = {}, {}, {}
-        with ablation:
-            for eval_set in sets:
+    pool = None
+    if jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        context = multiprocessing.get_context("spawn")  # never fork a process that holds torch threads
+        worker_args = (engine_factory, options, list(sets))
+        pool = ProcessPoolExecutor(jobs, context, initializer=_start_worker, initargs=worker_args)
+    try:
+        for setting in settings:
+            outputs, results, seconds = {}, {}, {}
+            for set_index, eval_set in enumerate(sets):
                 start = time.perf_counter()
-                run: Callable[[EvalSet, int], Any] = getattr(runner, eval_set.task)
-                outputs[eval_set.name] = [
-                    run(eval_set, i)
-                    for i in _progress(len(eval_set.documents), f"MMFS {setting}: {eval_set.name}", progress)
-                ]
+                label = f"MMFS {setting}: {eval_set.name}"
+                if pool is None:
+                    with _mmfs_setting(engine, setting):
+                        run: Callable[[EvalSet, int], Any] = getattr(runner, eval_set.task)
+                        generated = [run(eval_set, i) for i in _progress(len(eval_set.documents), label, progress)]
+                else:
+                    tasks = [(setting, set_index, i) for i in range(len(eval_set.documents))]
+                    chunk = max(1, len(tasks) // (8 * jobs))
+                    done = pool.map(_run_in_worker, tasks, chunksize=chunk)
+                    generated = list(_progress_over(done, len(tasks), label, progress))
+                outputs[eval_set.name] = generated
                 seconds[eval_set.name] = round(time.perf_counter() - start, 3)
-                results[eval_set.name] = score_set(eval_set, outputs[eval_set.name], form, image_size)
-        evaluation.outputs[setting], evaluation.results[setting], evaluation.seconds[setting] = (
-            outputs,
-            results,
-            seconds,
-        )
+                results[eval_set.name] = score_set(eval_set, generated, form, image_size)
+            evaluation.outputs[setting], evaluation.results[setting], evaluation.seconds[setting] = (
+                outputs,
+                results,
+                seconds,
+            )
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return evaluation
+
+
+def _mmfs_setting(engine: Any, setting: str):
+    return contextlib.nullcontext() if MMFS_SETTINGS[setting] else engine.mmfs_ablation()
+
+
+_WORKER: dict[str, Any] = {}  # a worker process's runner and sets
+
+
+def _start_worker(engine_factory: EngineFactory, options: EvalOptions, sets: list[EvalSet]) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    engine = engine_factory()
+    image_size = engine.config.image_decoder.image_size
+    _WORKER.update(runner=Runner(engine, options, TextForm.of(engine.tokenizer), image_size), sets=sets)
+
+
+def _run_in_worker(task: tuple[str, int, int]) -> Any:
+    """(MMFS setting, set index, document index) -> the document's output (text, image or drawn images)."""
+    setting, set_index, index = task
+    runner, eval_set = _WORKER["runner"], _WORKER["sets"][set_index]
+    with _mmfs_setting(runner.engine, setting):
+        return getattr(runner, eval_set.task)(eval_set, index)
 
 
 def _progress(total: int, label: str, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(range(total), desc=label, file=sys.stderr, disable=not enabled, leave=False)
+
+
+def _progress_over(results: Any, total: int, label: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(results, total=total, desc=label, file=sys.stderr, disable=not enabled, leave=False)
