@@ -157,8 +157,16 @@ def read_metrics(csv_path: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def stage_export(out: Path, init: Path, export: Path, command: str, wall_seconds: dict[str, float]) -> Path:
-    """Stage 3: the newest valid checkpoint as a model folder + tokenizer + training report and loss curves."""
+def stage_export(
+    out: Path,
+    init: Path,
+    export: Path,
+    command: str,
+    wall_seconds: dict[str, float],
+    checkpoint: Path | None = None,
+) -> Path:
+    """Stage 3: the newest valid checkpoint (or ``checkpoint``) as a model folder + tokenizer + training report and
+    loss curves."""
     from safetensors.torch import load_file
 
     from ..checkpoint import from_pretrained, save_pretrained
@@ -166,9 +174,11 @@ def stage_export(out: Path, init: Path, export: Path, command: str, wall_seconds
     from .plot import line_chart
 
     run = out / "run"
-    checkpoint = latest_valid_checkpoint(run / "checkpoints")
+    checkpoint = checkpoint or latest_valid_checkpoint(run / "checkpoints")
     if checkpoint is None:
         raise FileNotFoundError(f"no valid checkpoint under {run / 'checkpoints'}; run the train stage first")
+    if not (checkpoint / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{checkpoint} has no model.safetensors; pass a training checkpoint folder (step_N)")
     model = from_pretrained(init)
     weights = load_file(str(checkpoint / "model.safetensors"))
     model.load_state_dict(weights, strict=True)
@@ -210,6 +220,9 @@ def add_arguments(parser) -> None:  # noqa: ANN001
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the VAE data")
     parser.add_argument("--stage", choices=("all", "vae", "train", "export"), default="all")
     parser.add_argument(
+        "--checkpoint", type=Path, default=None, help="export this checkpoint folder (default: the newest valid one)"
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="CPU threads of torch (default: $MMI_NUM_THREADS, else torch's)"
     )
     parser.add_argument(
@@ -245,7 +258,7 @@ def run(args, argv: list[str] | None = None) -> int:  # noqa: ANN001
         elif stage == "train":
             stage_train(args.out, init, args.set)
         else:
-            stage_export(args.out, init, args.export or args.out / "model", command, timings)
+            stage_export(args.out, init, args.export or args.out / "model", command, timings, args.checkpoint)
             continue
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
         timings_path.write_text(json.dumps(timings))
