@@ -261,7 +261,12 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser)
 
 
-@subcommand("eval", "evaluate a model on a benchmark: eval TASK (shapes: ShapeStories)", _eval_arguments)
+@subcommand(
+    "eval",
+    "evaluate a model on a benchmark: eval TASK (shapes, coco-caption, flickr30k, nocaps, vqav2, okvqa, textvqa, "
+    "vizwiz, coco-t2i, lncoco-t2i, fid; see docs/EVALUATION.md)",
+    _eval_arguments,
+)
 def _eval(args: argparse.Namespace) -> int:
     return int(args.run_task(args) or 0)
 

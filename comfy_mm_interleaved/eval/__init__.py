@@ -11,8 +11,10 @@ Each task is a subcommand of the ``eval`` group, registered in :data:`EVAL_TASKS
     def _coco(args: argparse.Namespace) -> int:
         ...  # heavy imports here
 
-Tasks: ``shapes`` (:mod:`.shapes`, the ShapeStories benchmark). What every task's report shares (the model
-folder, its config hash, the code revision) comes from :func:`model_record` and :func:`git_revision`.
+Tasks: ``shapes`` (:mod:`.shapes`, the ShapeStories benchmark); ``coco-caption``, ``flickr30k``, ``nocaps``
+(:mod:`.caption`); ``vqav2``, ``okvqa``, ``textvqa``, ``vizwiz`` (:mod:`.vqa`); ``coco-t2i``, ``lncoco-t2i``, ``fid``
+(:mod:`.t2i`). Resumable run folders: :mod:`.runs`. What every task's report shares (the model folder, its config
+hash, the code revision) comes from :func:`model_record` and :func:`git_revision`.
 """
 
 from __future__ import annotations
