@@ -187,10 +187,12 @@ def stage_export(
     shutil.rmtree(tmp, ignore_errors=True)
     save_pretrained(model, tmp)
     shutil.copytree(init / "tokenizer", tmp / "tokenizer")
-    series = read_metrics(run / "metrics.csv")
+    series = {  # the rows up to the exported step (a later checkpoint may have logged more)
+        tag: [(s, v) for s, v in values if s <= step] for tag, values in read_metrics(run / "metrics.csv").items()
+    }
     for tag, name in (("loss_txt", "loss_text.png"), ("loss_img", "loss_image.png"), ("loss", "loss_total.png")):
-        if tag in series:
-            line_chart(series[tag], f"{tag} (training, per step)", tmp / name)
+        if series.get(tag):
+            line_chart(series[tag], f"{tag}: training batches (grey: logged values, blue: moving average)", tmp / name)
     vae_report = json.loads((init / "vae_training.json").read_text())
     report = {
         "command": command,
@@ -202,7 +204,7 @@ def stage_export(
         "train_config": str(TRAIN_CONFIG.relative_to(REPO_ROOT)),
         "wall_seconds": wall_seconds,
         "vae": {k: v for k, v in vae_report.items() if k != "log"},
-        "final_losses": {tag: values[-1][1] for tag, values in series.items() if tag.startswith("loss")},
+        "final_losses": {tag: values[-1][1] for tag, values in series.items() if tag.startswith("loss") and values},
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1))
