@@ -21,7 +21,7 @@ from comfy_mm_interleaved.shapestories.embedded import EMBEDDED_WORDS, build_emb
 from comfy_mm_interleaved.shapestories.generate import stream_document, training_stream
 from comfy_mm_interleaved.shapestories.plot import line_chart, smooth
 from comfy_mm_interleaved.shapestories.rules import Attributes
-from comfy_mm_interleaved.shapestories.train_embedded import image_batches, read_metrics
+from comfy_mm_interleaved.shapestories.train_embedded import averaged_weights, image_batches, read_metrics
 from comfy_mm_interleaved.tokenizer import ImageSegment, TextSegment
 from comfy_mm_interleaved.train.autoencoder import (
     AutoencoderTraining,
@@ -183,6 +183,15 @@ def test_read_metrics(tmp_path: Path) -> None:
     assert read_metrics(tmp_path / "missing.csv") == {}
 
 
+def test_averaged_weights(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.tensor([1.0, 2.0]), "n": torch.tensor([3])}, str(tmp_path / "a.safetensors"))
+    save_file({"w": torch.tensor([3.0, 6.0]), "n": torch.tensor([5])}, str(tmp_path / "b.safetensors"))
+    mean = averaged_weights([tmp_path / "a.safetensors", tmp_path / "b.safetensors"])
+    assert mean["w"].tolist() == [2.0, 4.0] and mean["n"].tolist() == [3]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the whole command, a few steps
 
@@ -210,3 +219,6 @@ def test_train_embedded_three_stages_end_to_end(tmp_path: Path) -> None:
     # a rerun skips the finished VAE stage and resumes training from the last checkpoint
     assert main([*args, "--set", "train.max_steps=3", "--set", "train.save_every=1", "--set", "data.batch_size=2"]) == 0
     assert json.loads((model_dir / "training_report.json").read_text())["steps"] == 3
+    # export the mean of the two newest checkpoints
+    assert main([*args, "--stage", "export", "--average", "2", "--export", str(tmp_path / "avg")]) == 0
+    assert json.loads((tmp_path / "avg" / "training_report.json").read_text())["averaged_checkpoints"] == [3, 2]

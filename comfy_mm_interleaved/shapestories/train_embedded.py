@@ -36,6 +36,7 @@ from .render import render_array
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TRAIN_CONFIG = REPO_ROOT / "configs" / "train" / "embedded_shapestories.yaml"
 REPORT_FILE = "training_report.json"
+COMMANDS_FILE = "commands.txt"
 
 
 def image_batches(batch_size: int, size: int, seed: int) -> Iterator[torch.Tensor]:
@@ -157,6 +158,18 @@ def read_metrics(csv_path: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
+def averaged_weights(files: list[Path]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of the floating tensors of several state-dict files (other tensors: the first file's)."""
+    from safetensors.torch import load_file
+
+    total = load_file(str(files[0]))
+    for path in files[1:]:
+        for name, tensor in load_file(str(path)).items():
+            if total[name].is_floating_point():
+                total[name] = total[name] + tensor
+    return {k: v / len(files) if v.is_floating_point() else v for k, v in total.items()}
+
+
 def stage_export(
     out: Path,
     init: Path,
@@ -164,13 +177,13 @@ def stage_export(
     command: str,
     wall_seconds: dict[str, float],
     checkpoint: Path | None = None,
+    average: int = 1,
 ) -> Path:
     """Stage 3: the newest valid checkpoint (or ``checkpoint``) as a model folder + tokenizer + training report and
-    loss curves."""
-    from safetensors.torch import load_file
-
+    loss curves. ``average`` > 1: the mean of the weights of that many newest valid checkpoints (up to
+    ``checkpoint``), a cheap stand-in for an exponential moving average of the weights."""
     from ..checkpoint import from_pretrained, save_pretrained
-    from ..train.checkpointing import latest_valid_checkpoint, read_trainer_state
+    from ..train.checkpointing import latest_valid_checkpoint, list_checkpoints, read_trainer_state, verify_checkpoint
     from .plot import line_chart
 
     run = out / "run"
@@ -179,10 +192,15 @@ def stage_export(
         raise FileNotFoundError(f"no valid checkpoint under {run / 'checkpoints'}; run the train stage first")
     if not (checkpoint / "model.safetensors").is_file():
         raise FileNotFoundError(f"{checkpoint} has no model.safetensors; pass a training checkpoint folder (step_N)")
-    model = from_pretrained(init)
-    weights = load_file(str(checkpoint / "model.safetensors"))
-    model.load_state_dict(weights, strict=True)
     step = read_trainer_state(checkpoint)["step"]
+    sources = [checkpoint]
+    if average > 1:
+        older = [f for s, f in list_checkpoints(checkpoint.parent) if s < step and verify_checkpoint(f, False) is None]
+        sources += older[: average - 1]
+        if len(sources) < average:
+            raise FileNotFoundError(f"--average {average}: only {len(sources)} valid checkpoints up to step {step}")
+    model = from_pretrained(init)
+    model.load_state_dict(averaged_weights([f / "model.safetensors" for f in sources]), strict=True)
     tmp = export.with_name(export.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_pretrained(model, tmp)
@@ -194,13 +212,16 @@ def stage_export(
         if series.get(tag):
             line_chart(series[tag], f"{tag}: training batches (grey: logged values, blue: moving average)", tmp / name)
     vae_report = json.loads((init / "vae_training.json").read_text())
+    history = out / COMMANDS_FILE
     report = {
         "command": command,
+        "invocations": history.read_text().splitlines() if history.is_file() else [command],
         "git_revision": git_revision(),
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "steps": step,
         "checkpoint": str(checkpoint),
+        "averaged_checkpoints": [read_trainer_state(f)["step"] for f in sources],
         "train_config": str(TRAIN_CONFIG.relative_to(REPO_ROOT)),
         "wall_seconds": wall_seconds,
         "vae": {k: v for k, v in vae_report.items() if k != "log"},
@@ -223,6 +244,9 @@ def add_arguments(parser) -> None:  # noqa: ANN001
     parser.add_argument("--stage", choices=("all", "vae", "train", "export"), default="all")
     parser.add_argument(
         "--checkpoint", type=Path, default=None, help="export this checkpoint folder (default: the newest valid one)"
+    )
+    parser.add_argument(
+        "--average", type=int, default=1, help="export the mean weights of the N newest checkpoints (default 1)"
     )
     parser.add_argument(
         "--threads", type=int, default=None, help="CPU threads of torch (default: $MMI_NUM_THREADS, else torch's)"
@@ -248,6 +272,8 @@ def run(args, argv: list[str] | None = None) -> int:  # noqa: ANN001
         torch.set_num_threads(threads)
     command = "python -m comfy_mm_interleaved train-embedded " + shlex.join(argv if argv is not None else sys.argv[2:])
     args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / COMMANDS_FILE, "a", encoding="utf-8") as history:  # every invocation, for the report
+        history.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {command}\n")
     timings_path = args.out / "wall_seconds.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     init = args.out / "init"
@@ -260,7 +286,8 @@ def run(args, argv: list[str] | None = None) -> int:  # noqa: ANN001
         elif stage == "train":
             stage_train(args.out, init, args.set)
         else:
-            stage_export(args.out, init, args.export or args.out / "model", command, timings, args.checkpoint)
+            export = args.export or args.out / "model"
+            stage_export(args.out, init, export, command, timings, args.checkpoint, args.average)
             continue
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
         timings_path.write_text(json.dumps(timings))
