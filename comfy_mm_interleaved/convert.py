@@ -7,7 +7,8 @@ mapped, so only headers are touched), and only then converts: one shard at a tim
 tensors routed to their components and written as ``<component>-<k>.safetensors`` parts before the next shard is
 opened. Peak memory is therefore about one output part, not the 60 GB model.
 
-This module is the only place in the library that reads pickles, always with ``weights_only=True``.
+This module and ``eval/inception_convert.py`` (the FID Inception weights) are the only places in the library that
+read pickles, always with ``weights_only=True``.
 """
 
 from __future__ import annotations

@@ -253,7 +253,9 @@ class ClipReranker:
                 "tokenizer and preprocessor files), e.g. openai/clip-vit-large-patch14 downloaded yourself"
             )
         try:
-            self.model = CLIPModel.from_pretrained(folder, local_files_only=True).to(device).eval()
+            # safetensors only: a folder with only pytorch_model.bin is refused (no pickle is read at run time)
+            model = CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+            self.model = model.to(device).eval()
             self.processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError, TypeError) as err:
             raise ValueError(f"{folder} is not a complete transformers CLIP folder ({err})") from None
