@@ -2,8 +2,8 @@
 
 - COCO Karpathy (``dataset_coco.json``, images in ``val2014/``), Flickr30k Karpathy (``dataset_flickr30k.json``,
   ``flickr30k-images/``) and NoCaps (``nocaps_val_4500_captions.json``, ``images/``) with drawn PNG images; the model
-  folder is the ``eval_model_dir`` fixture (random weights: the scores are whatever they are, so the tests check the
-  protocol, the bookkeeping and that the report's scores are those of the saved captions).
+  folder is the ``eval_model_dir`` fixture (the embedded model: on this data its scores are whatever they are, so
+  the tests check the protocol, the bookkeeping and that the report's scores are those of the saved captions).
 - The prompt and decoding the engine receives are the official ones (a spy on ``generate_text``).
 - Resume: a rerun with the same ``--out`` generates only the missing images; a changed setting is an error unless
   ``--overwrite``; a killed run's half-written last line is dropped (:class:`RunFolder`).

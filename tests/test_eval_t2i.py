@@ -3,8 +3,7 @@ real formats (COCO ``captions_val2014.json`` + ``val2014/COCO_val2014_*.jpg``; L
 ``val2017/<id:012d>.jpg``), with a random-weight FID Inception converted by ``convert-inception`` and a tiny random
 CLIP for the re-ranking path; caption selection against the documented procedure; resume; bad input.
 
-The model folder is the ``eval_model_dir`` fixture (keep it a fixture argument: the lead may point it at the trained
-embedded model).
+The model folder is the ``eval_model_dir`` fixture: the shipped embedded model.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 - VQAv2 (``v2_OpenEnded_mscoco_val2014_questions.json`` + ``v2_mscoco_val2014_annotations.json``, images
   ``val2014/COCO_val2014_<id:012d>.jpg``), OK-VQA (same layout, its own file names), TextVQA
   (``TextVQA_0.5.1_val.json``, ``train_images/<image_id>.jpg``) and VizWiz (``val.json``, ``val/<image>``), with drawn
-  PNG images; the model folder is the ``eval_model_dir`` fixture (random weights).
+  PNG images; the model folder is the ``eval_model_dir`` fixture (the embedded model).
 - The engine receives the official prompt (VizWiz with its extra sentence) and decoding (a spy on
   ``generate_text``); the report's accuracy is that of the saved answers under the benchmark's official scoring.
 - Bad input: missing question file, malformed JSON, a question without an annotation, a missing image (counted).
