@@ -252,7 +252,11 @@ def test_sampling_through_the_engine_is_reproducible(engine, config) -> None:
     assert sample(1) == sample(1) != sample(2)
 
 
-def test_model_folder_errors(tmp_path: Path, model_dir) -> None:  # noqa: F811
+def test_model_folder_errors(tmp_path: Path, model_dir, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    from comfy_mm_interleaved.inference import engine as engine_module
+
+    assert engine_module.resolve_model_dir(None) == engine_module.EMBEDDED_MODEL_DIR  # the shipped default
+    monkeypatch.setattr(engine_module, "EMBEDDED_MODEL_DIR", tmp_path / "not-shipped")
     with pytest.raises(ValueError, match="embedded default model is not shipped"):
         InterleavedEngine.from_pretrained(None)
     with pytest.raises(FileNotFoundError, match="does not exist"):
