@@ -61,6 +61,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_ranges(checks: dict[str, bool], rule: str) -> None:
+    """Raise one ValueError naming every option whose check (option -> passed) failed, followed by ``rule``."""
+    bad = [name for name, ok in checks.items() if not ok]
+    if bad:
+        raise ValueError(f"{', '.join(bad)} out of range: {rule}")
+
+
 def model_record(folder: Path, embedded: bool) -> dict[str, Any]:
     """Which model was evaluated: its folder and the SHA-256 of its ``config.json``."""
     from ..checkpoint import CONFIG_FILE

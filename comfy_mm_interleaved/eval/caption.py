@@ -40,6 +40,7 @@ from typing import Any
 from . import add_model_arguments, eval_task, load_engine, model_record
 from .runs import (
     RunFolder,
+    add_data_arguments,
     add_decoding_arguments,
     add_run_arguments,
     find_file,
@@ -160,14 +161,8 @@ BENCHMARKS = {
 def _arguments_for(benchmark: CaptionBenchmark) -> Callable[[argparse.ArgumentParser], None]:
     def add(parser: argparse.ArgumentParser) -> None:
         add_model_arguments(parser)
-        parser.add_argument("--data", type=Path, required=True, help="dataset folder (annotations and images)")
-        parser.add_argument(
-            "--annotations",
-            type=Path,
-            default=None,
-            help=f"caption file (default: --data/{benchmark.annotation_names[0]})",
-        )
-        parser.add_argument("--images", type=Path, default=None, help="image folder (default: found under --data)")
+        caption_file = ("--annotations", "caption file", benchmark.annotation_names[0])
+        add_data_arguments(parser, "annotations and images", [caption_file])
         if benchmark.splits:
             parser.add_argument("--split", choices=benchmark.splits, default=benchmark.splits[0])
         add_run_arguments(parser, Path("output") / f"eval-{benchmark.task}")

@@ -277,6 +277,20 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_out: Path) -> Non
     parser.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
 
 
+def add_data_arguments(
+    parser: argparse.ArgumentParser,
+    contents: str,
+    files: Iterable[tuple[str, str, str]],
+    images_help: str = "image folder (default: found under --data)",
+) -> None:
+    """``--data`` (the dataset folder holding ``contents``), one override per ``(option, what, default file name)`` and
+    ``--images``."""
+    parser.add_argument("--data", type=Path, required=True, help=f"dataset folder ({contents})")
+    for option, what, name in files:
+        parser.add_argument(option, type=Path, default=None, help=f"{what} (default: --data/{name})")
+    parser.add_argument("--images", type=Path, default=None, help=images_help)
+
+
 def first_items(items: list[Item], limit: int | None) -> list[Item]:
     """The first ``limit`` items (all when None); ``--limit`` must be >= 1."""
     if limit is not None and limit < 1:

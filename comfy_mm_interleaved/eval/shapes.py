@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import add_model_arguments, eval_task, git_revision, load_engine
+from . import add_model_arguments, check_ranges, eval_task, git_revision, load_engine
 
 DEFAULT_OUT = Path("output") / "eval-shapes"
 # --ablation: which MMFS settings run ("on" = the ablation is on, i.e. MMFS switched off)
@@ -78,12 +78,7 @@ def _options(args: argparse.Namespace):
         "--max-text-tokens": args.max_text_tokens >= 1,
         "--sheet-stories": args.sheet_stories >= 0,
     }
-    bad = [name for name, ok in checks.items() if not ok]
-    if bad:
-        raise ValueError(
-            f"{', '.join(bad)} out of range: --steps and --max-text-tokens must be >= 1, --guidance-scale and "
-            "--sheet-stories >= 0"
-        )
+    check_ranges(checks, "--steps and --max-text-tokens must be >= 1, --guidance-scale and --sheet-stories >= 0")
     return EvalOptions(args.steps, args.guidance_scale, args.scheduler, args.seed, args.max_text_tokens)
 
 

@@ -50,9 +50,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import add_model_arguments, eval_task, git_revision, load_engine, model_record
+from . import add_model_arguments, check_ranges, eval_task, git_revision, load_engine, model_record
 from .runs import (
     RunFolder,
+    add_data_arguments,
     add_run_arguments,
     find_file,
     first_items,
@@ -312,12 +313,7 @@ def _check_metric_arguments(args: argparse.Namespace) -> None:
         "--kid-subsets": args.kid_subsets >= 1,
         "--kid-subset-size": args.kid_subset_size >= 2,
     }
-    bad = [name for name, ok in checks.items() if not ok]
-    if bad:
-        raise ValueError(
-            f"{', '.join(bad)} out of range: --fid-resolution, --batch-size, --kid-subsets >= 1, --workers >= 0, "
-            "--kid-subset-size >= 2"
-        )
+    check_ranges(checks, "--fid-resolution, --batch-size, --kid-subsets >= 1, --workers >= 0, --kid-subset-size >= 2")
 
 
 def _missing_inception_message(images_only_hint: bool) -> str:
@@ -398,16 +394,9 @@ def _metric_settings(args: argparse.Namespace) -> dict[str, Any]:
 def _benchmark_arguments(benchmark: Benchmark) -> Callable[[argparse.ArgumentParser], None]:
     def add(parser: argparse.ArgumentParser) -> None:
         add_model_arguments(parser)
-        parser.add_argument("--data", type=Path, required=True, help="dataset folder (captions file and images)")
-        parser.add_argument(
-            "--annotations",
-            type=Path,
-            default=None,
-            help=f"captions file (default: --data/{benchmark.annotation_names[0]})",
-        )
-        parser.add_argument(
-            "--images", type=Path, default=None, help=f"real images (default: --data/{benchmark.image_folders[0]})"
-        )
+        captions_file = ("--annotations", "captions file", benchmark.annotation_names[0])
+        images_help = f"real images (default: --data/{benchmark.image_folders[0]})"
+        add_data_arguments(parser, "captions file and images", [captions_file], images_help)
         add_run_arguments(parser, Path("output") / f"eval-{benchmark.name}")
         parser.add_argument(
             "--selection",
@@ -455,9 +444,7 @@ def _check_benchmark_arguments(args: argparse.Namespace) -> None:
         "--total": args.total >= 1,
         "--samples": args.samples is None or args.samples >= 1,
     }
-    bad = [name for name, ok in checks.items() if not ok]
-    if bad:
-        raise ValueError(f"{', '.join(bad)} out of range: --steps, --total, --samples >= 1, --guidance-scale >= 0")
+    check_ranges(checks, "--steps, --total, --samples >= 1, --guidance-scale >= 0")
     _check_metric_arguments(args)
     if not args.images_only and args.inception is None:
         raise ValueError(_missing_inception_message(images_only_hint=True))

@@ -44,6 +44,7 @@ from typing import Any
 from . import add_model_arguments, eval_task, load_engine, model_record
 from .runs import (
     RunFolder,
+    add_data_arguments,
     add_decoding_arguments,
     add_run_arguments,
     find_file,
@@ -206,10 +207,8 @@ def question_text(question: str, instruction: str) -> str:
 def _arguments_for(benchmark: VQABenchmark) -> Callable[[argparse.ArgumentParser], None]:
     def add(parser: argparse.ArgumentParser) -> None:
         add_model_arguments(parser)
-        parser.add_argument("--data", type=Path, required=True, help="dataset folder (question files and images)")
-        for option, what, names in benchmark.files:
-            parser.add_argument(option, type=Path, default=None, help=f"{what} (default: --data/{names[0]})")
-        parser.add_argument("--images", type=Path, default=None, help="image folder (default: found under --data)")
+        files = [(option, what, names[0]) for option, what, names in benchmark.files]
+        add_data_arguments(parser, "question files and images", files)
         add_run_arguments(parser, Path("output") / f"eval-{benchmark.task}")
         add_decoding_arguments(parser, BEAMS, MAX_NEW_TOKENS, MIN_NEW_TOKENS, LENGTH_PENALTY)
         parser.add_argument(

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..eval import git_revision
 from .embedded import build_embedded_tokenizer, embedded_config
 from .generate import random_attributes
 from .render import render_array
@@ -45,16 +45,6 @@ def image_batches(batch_size: int, size: int, seed: int) -> Iterator[torch.Tenso
     while True:
         arr = np.stack([render_array(random_attributes(rng), size) for _ in range(batch_size)])
         yield torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-def git_revision() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=10
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def machine() -> dict[str, Any]:
@@ -216,7 +206,7 @@ def stage_export(
     report = {
         "command": command,
         "invocations": history.read_text().splitlines() if history.is_file() else [command],
-        "git_revision": git_revision(),
+        "git_revision": git_revision(),  # {"commit", "modified"} of the code that exported
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "steps": step,
