@@ -301,3 +301,23 @@ def test_shipped_configs_load() -> None:
     assert {a["distributed_type"] for a in accel.values()} == {"NO", "MULTI_GPU", "FSDP", "DEEPSPEED"}
     ds = json.loads((REPO / "configs" / "train" / "accelerate" / "deepspeed_zero1.json").read_text())
     assert ds["zero_optimization"]["stage"] == 1 and ds["fp16"]["loss_scale_window"] == 250
+
+
+def test_loss_weights_of_the_run_override_the_model_config(corpus, reference, tmp_path) -> None:
+    data = config_dict(tmp_path / "out", corpus, max_steps=1, grad_accum=1, save_every=0)
+    data["optim"]["warmup_steps"] = 0
+    data["model"]["loss_txt_weight"] = 0.0
+    data["model"]["loss_img_weight"] = 25
+    model = build()
+    assert (model.config.loss_txt_weight, model.config.loss_img_weight) == (1.0, 10.0)
+    trainer = Trainer(TrainConfig.load(write_config(tmp_path / "c.yaml", data)), model=model)
+    assert (model.config.loss_txt_weight, model.config.loss_img_weight) == (0.0, 25.0)
+    logged = {}
+    trainer.train()
+    for tag in ("loss", "loss_txt", "loss_img"):
+        logged[tag] = read_metrics(tmp_path / "out" / "metrics.csv", tag)[1]
+    assert logged["loss"] == pytest.approx(25.0 * logged["loss_img"], rel=1e-5)  # no text term, image x 25
+
+    data["model"]["loss_img_weight"] = -1.0
+    with pytest.raises(ValueError, match=r"model.loss_img_weight must be >= 0"):
+        Trainer(TrainConfig.load(write_config(tmp_path / "c2.yaml", data)), model=build())

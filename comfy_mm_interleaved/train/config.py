@@ -32,6 +32,10 @@ class ModelSection:
     freeze_extra: list[str] = field(default_factory=list)  # more name substrings to freeze
     unfreeze: list[str] = field(default_factory=list)  # name substrings to train anyway (after the freezing)
     gradient_checkpointing: bool = False
+    # this run's loss weights instead of the model config's (official: 1.0 and 10.0; its collators set one of them
+    # to 0 per task); the saved model config keeps its own values
+    loss_txt_weight: float | None = None
+    loss_img_weight: float | None = None
 
 
 @dataclass

@@ -34,7 +34,7 @@ from .checkpointing import (
     read_trainer_state,
     write_json_atomic,
 )
-from .config import TrainConfig
+from .config import ModelSection, TrainConfig
 from .metrics import MetricsLogger
 from .params import apply_freezing, build_param_groups
 from .stream import StreamConfig, TrainStream, move_batch
@@ -84,22 +84,38 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     """The model to train: a custom factory, a checkpoint in our format, or a fresh model from a config."""
     section = cfg.model
     if section.factory:
-        return import_object(section.factory)(cfg)
-    if section.init_from:
+        model = import_object(section.factory)(cfg)
+    elif section.init_from:
         from ..checkpoint import from_pretrained
 
         model = from_pretrained(section.init_from)
         if section.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable()
-        return model
-    if not section.config:
-        raise ValueError("set model.config (a config.json, 'official_13b' or 'tiny:<path>') or model.init_from")
-    from ..models.mm_interleaved import MMInterleaved
+    elif section.config:
+        from ..models.mm_interleaved import MMInterleaved
 
-    config = model_config_from(section.config)
-    if section.gradient_checkpointing:
-        enable_gradient_checkpointing(config)
-    return MMInterleaved(config)
+        config = model_config_from(section.config)
+        if section.gradient_checkpointing:
+            enable_gradient_checkpointing(config)
+        model = MMInterleaved(config)
+    else:
+        raise ValueError("set model.config (a config.json, 'official_13b' or 'tiny:<path>') or model.init_from")
+    return model
+
+
+def with_loss_weights(model: nn.Module, section: ModelSection) -> nn.Module:
+    """Apply ``model.loss_txt_weight`` / ``model.loss_img_weight`` of the run to the model's config."""
+    for name in ("loss_txt_weight", "loss_img_weight"):
+        value = getattr(section, name)
+        if value is None:
+            continue
+        if value < 0:
+            raise ValueError(f"model.{name} must be >= 0, got {value}")
+        config = getattr(model, "config", None)
+        if not hasattr(config, name):
+            raise ValueError(f"model.{name} is set but {type(model).__name__} has no config.{name} to override")
+        setattr(config, name, float(value))
+    return model
 
 
 def build_tokenizer(cfg: TrainConfig, model_config: MMInterleavedConfig):
@@ -189,7 +205,7 @@ class Trainer:
         self.output_dir = Path(t.output_dir)
         self.checkpoint_root = self.output_dir / "checkpoints"
         set_seed(t.seed)
-        model = model if model is not None else build_model(cfg)
+        model = with_loss_weights(model if model is not None else build_model(cfg), cfg.model)
         self.model_config: MMInterleavedConfig = model.config
         self.forward_params = dict(inspect.signature(model.forward).parameters)
         apply_freezing(model, cfg.model.freeze, cfg.model.freeze_extra, cfg.model.unfreeze)
