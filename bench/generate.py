@@ -325,7 +325,8 @@ class OfficialLoop(InterleavedEngine):
         if self._placeholder is None or ids[-1] != self.config.special_tokens.boi_token_id:
             return super()._run_llm(ids, start, encoded, cache)
         full = list(ids) + [self.config.special_tokens.image_token_id] * self.config.num_img_token
-        return super()._run_llm(full, start, [*encoded, self._placeholder], None)[:, : len(ids) - start]
+        hidden, context_hidden = super()._run_llm(full, start, [*encoded, self._placeholder], None)
+        return hidden[:, : len(ids) - start], context_hidden[:, : len(ids) - start]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -256,6 +256,11 @@ class MMInterleavedConfig(_ConfigBase):
     image_decoder: ImageDecoderConfig = field(default_factory=ImageDecoderConfig)
     loss_txt_weight: float = 1.0
     loss_img_weight: float = 10.0
+    # Which LLM hidden states condition the image decoder. None (official): the final ones, after the final RMSNorm.
+    # k in 1..num_hidden_layers-1: the output of LLM layer k (layers 0..k-1 applied), through the final RMSNorm --
+    # the choice SD-2 makes for its text encoder (its penultimate layer), for a small LLM whose last layer keeps
+    # little but the next-token prediction (docs/BENCHMARKS.md, embedded model).
+    image_context_layer: int | None = None
     dataset_to_ignore_noimage_cond_loss: list[str] = field(default_factory=lambda: ["laion_en", "laion_coco"])
     # Levels of the 4-level pyramid fed to each MMFS family (LLM: 32/16/8; UNet: all four).
     llm_mmfs_levels: list[int] = field(default_factory=lambda: [1, 2, 3])

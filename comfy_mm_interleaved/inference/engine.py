@@ -145,14 +145,30 @@ class _Context:
     ids: list[int]
     keys: list[str | None]
     cache: DynamicCache | None
-    chunks: list[torch.Tensor]  # [1, l_i, D] pieces of the hidden states
+    chunks: list[torch.Tensor]  # [1, l_i, D] pieces of the final hidden states
     mmfs: tuple[bool, ...]
+    # pieces of the hidden states that condition the image decoder, when config.image_context_layer is set
+    context_chunks: list[torch.Tensor] | None = None
 
     @property
     def hidden(self) -> torch.Tensor:
         if len(self.chunks) > 1:
             self.chunks = [torch.cat(self.chunks, 1)]
         return self.chunks[0]
+
+    @property
+    def context_hidden(self) -> torch.Tensor:
+        """[1, L, D] hidden states that condition the image decoder."""
+        if self.context_chunks is None:
+            return self.hidden
+        if len(self.context_chunks) > 1:
+            self.context_chunks = [torch.cat(self.context_chunks, 1)]
+        return self.context_chunks[0]
+
+    def append(self, hidden: torch.Tensor, context_hidden: torch.Tensor) -> None:
+        self.chunks.append(hidden)
+        if self.context_chunks is not None:
+            self.context_chunks.append(context_hidden)
 
     def common_prefix(self, ids: Sequence[int], keys: Sequence[str | None]) -> int:
         length = min(len(ids), len(self.ids))
@@ -425,17 +441,22 @@ class InterleavedEngine:
 
     def _run_llm(
         self, ids: Sequence[int], start: int, encoded: Sequence[EncodedImage], cache: DynamicCache | None
-    ) -> torch.Tensor:
-        """Final hidden states [1, L - start, D] of positions start.. (the cache holds positions < start)."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final, image-conditioning) hidden states [1, L - start, D] of positions start.. (the cache holds
+        positions < start); see ``MMInterleaved.run_llm``."""
         device = self._device("language")
         text_ids = torch.tensor([list(ids)], device=device)
         rows = self._image_rows(ids, start, encoded)
         visual = None if rows is None else VisualTokenizerOutput(rows[None], [], None)
         embeds = self.model.embed(text_ids[:, start:], visual)
         mmfs = self._mmfs_inputs(encoded, self._visibility(ids, len(encoded))[:, start:])
-        out = self.model.mm_decoder(inputs_embeds=embeds, cache=cache, use_cache=cache is not None, mmfs=mmfs)
+        out = self.model.run_llm(inputs_embeds=embeds, cache=cache, use_cache=cache is not None, mmfs=mmfs)
         self.stats.llm_tokens += len(ids) - start
-        return out.last_hidden_state
+        return out
+
+    def _new_context(self, ids: list[int], keys: list[str | None], cache: DynamicCache | None, mmfs) -> _Context:  # noqa: ANN001
+        separate = self.config.image_context_layer is not None
+        return _Context(list(ids), list(keys), cache, [], mmfs, [] if separate else None)
 
     @torch.no_grad()
     def _prefill(self, ids: list[int], encoded: Sequence[EncodedImage]) -> _Context:
@@ -443,22 +464,25 @@ class InterleavedEngine:
         keys = self._position_keys(ids, encoded)
         mmfs = mmfs_state(self._mmfs_switches)
         if not self.caching.kv_cache:
-            return _Context(list(ids), keys, None, [self._run_llm(ids, 0, encoded, None)], mmfs)
+            fresh = self._new_context(ids, keys, None, mmfs)
+            fresh.append(*self._run_llm(ids, 0, encoded, None))
+            return fresh
         context = self._context if self.caching.context else None
         if context is not None and context.mmfs != mmfs:
             context = None  # computed with other MMFS switches
         self._context = None  # invalid until the update below completes
         reuse = context.common_prefix(ids, keys) if context is not None else 0
         if reuse == 0:
-            cache, chunks = DynamicCache(config=self.model.mm_decoder.config), []
+            fresh = self._new_context(ids, keys, DynamicCache(config=self.model.mm_decoder.config), mmfs)
         else:
             cache = context.cache
             cache.crop(reuse - cache.get_seq_length())
-            chunks = [context.hidden[:, :reuse]]
+            fresh = self._new_context(ids, keys, cache, mmfs)
+            fresh.append(context.hidden[:, :reuse], context.context_hidden[:, :reuse])
         if reuse < len(ids):
-            chunks.append(self._run_llm(ids, reuse, encoded, cache))
+            fresh.append(*self._run_llm(ids, reuse, encoded, fresh.cache))
         self.stats.reused_tokens += reuse
-        return _Context(list(ids), keys, cache, chunks, mmfs)
+        return fresh
 
     def _keep(self, context: _Context) -> None:
         if self.caching.context and self.caching.kv_cache:
@@ -553,7 +577,7 @@ class InterleavedEngine:
                 nonlocal sequences
                 rows = [0] * len(tokens) if origin is None else origin.tolist()
                 sequences = [sequences[r] + [int(t)] for r, t in zip(rows, tokens)]
-                hidden = [self._run_llm(s, 0, encoded, None)[:, -1] for s in sequences]
+                hidden = [self._run_llm(s, 0, encoded, None)[0][:, -1] for s in sequences]
                 return model.text_decoder(torch.cat(hidden))
 
             return advance_full
@@ -568,13 +592,14 @@ class InterleavedEngine:
                 by_batch[len(tokens)] = _expand_mmfs(by_batch[1], len(tokens))
             step_mmfs = by_batch[len(tokens)]
             embeds = model.embed(tokens[:, None], None)
-            hidden = model.mm_decoder(inputs_embeds=embeds, cache=context.cache, use_cache=True, mmfs=step_mmfs)
-            hidden = hidden.last_hidden_state
+            hidden, context_hidden = model.run_llm(
+                inputs_embeds=embeds, cache=context.cache, use_cache=True, mmfs=step_mmfs
+            )
             self.stats.llm_tokens += len(tokens)
             if not beams:
                 context.ids.append(int(tokens[0]))
                 context.keys.append(None)
-                context.chunks.append(hidden)
+                context.append(hidden, context_hidden)
             return model.text_decoder(hidden[:, -1])
 
         return advance
@@ -626,7 +651,7 @@ class InterleavedEngine:
             size = self.config.visual_tokenizer.encoder.grid_size * 4 // 2**level
             placeholder = torch.zeros(self.config.image_embed_dim, size, size, device=language, dtype=self.llm_dtype)
             maps.append(torch.stack([*(e.multiscale_features[level].to(placeholder) for e in encoded), placeholder]))
-        conditioning = self.model.image_conditioning(context.hidden, layout, layout.image_doc_start(), maps)
+        conditioning = self.model.image_conditioning(context.context_hidden, layout, layout.image_doc_start(), maps)
         return {
             "context_features": conditioning.context_features[-1:],
             "context_mask": conditioning.context_mask[-1:],

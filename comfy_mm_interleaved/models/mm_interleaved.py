@@ -108,6 +108,28 @@ class MMInterleaved(nn.Module):
         self.image_decoder = ImageDecoder(config) if with_image_decoder else None
         self.context_feat_proj = nn.Linear(hidden, hidden)
         self.soi_token = nn.Parameter(torch.zeros(1, hidden))
+        layer = config.image_context_layer
+        if layer is not None and not 1 <= layer < config.llm.num_hidden_layers:
+            raise ValueError(
+                f"image_context_layer must be None (the final hidden states) or 1..{config.llm.num_hidden_layers - 1} "
+                f"(the output of that many LLM layers), got {layer}"
+            )
+
+    def run_llm(self, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LLM (``mm_decoder``, same keyword arguments) -> (final hidden states [B, L, D] for the text head,
+        the hidden states that condition the image decoder [B, L, D]: the same tensor unless
+        ``config.image_context_layer`` picks an earlier layer, whose output then goes through the final RMSNorm)."""
+        layer = self.config.image_context_layer
+        if layer is None:
+            hidden = self.mm_decoder(**kwargs).last_hidden_state
+            return hidden, hidden
+        captured: list[torch.Tensor] = []
+        handle = self.mm_decoder.layers[layer - 1].register_forward_hook(lambda _m, _a, out: captured.append(out))
+        try:
+            hidden = self.mm_decoder(**kwargs).last_hidden_state
+        finally:
+            handle.remove()
+        return hidden, self.mm_decoder.norm(captured[0])
 
     # ------------------------------------------------------------------------------------------------------
     # training forward
@@ -152,7 +174,7 @@ class MMInterleaved(nn.Module):
         embeds = self.embed(text_ids, visual)
         mmfs = self.llm_mmfs_inputs(layout, visual, text_ids.shape)
         with self._recording_mmfs(record):
-            hidden = self.mm_decoder(inputs_embeds=embeds, attention_mask=attention_mask, mmfs=mmfs).last_hidden_state
+            hidden, context_hidden = self.run_llm(inputs_embeds=embeds, attention_mask=attention_mask, mmfs=mmfs)
         logits = self.text_decoder(hidden)
 
         if dataset_name is None and meta is not None:
@@ -171,7 +193,7 @@ class MMInterleaved(nn.Module):
 
         loss_img, image_outputs, conditioning = None, {}, None
         if layout.num_images:
-            conditioning = self.image_conditioning(hidden, layout, doc_start, visual.multiscale_features)
+            conditioning = self.image_conditioning(context_hidden, layout, doc_start, visual.multiscale_features)
             if self.image_decoder is not None and image_tensors_dec is not None:
                 self._check_images(image_tensors_dec, layout, "image_tensors_dec")
                 loss_img, image_outputs = self.image_loss(image_tensors_dec, conditioning, draws, image_loss_mask)
