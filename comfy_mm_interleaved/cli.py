@@ -14,8 +14,8 @@ declares its arguments and one that runs it, and register them::
 A subcommand group (``eval TASK``) keeps its own registry: ``subcommand(..., registry=TASKS)`` registers into it and
 :func:`add_subcommands` adds its parsers (see ``comfy_mm_interleaved/eval``).
 
-User errors (``ValueError`` and subclasses such as ``CheckpointError``, missing files) print one ``error:`` message
-on stderr and exit with status 1, without a traceback.
+User errors (``ValueError`` and subclasses such as ``CheckpointError``, missing files, an output that exists) print
+one ``error:`` message on stderr and exit with status 1, without a traceback.
 """
 
 from __future__ import annotations
@@ -210,6 +210,27 @@ def _train(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# export-checkpoint (comfy_mm_interleaved/train/export.py; light imports until it runs)
+
+
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    from .train.export import add_arguments
+
+    add_arguments(parser)
+
+
+@subcommand(
+    "export-checkpoint",
+    "turn training checkpoints (step_N, several: their mean) into a model folder with the base folder's config",
+    _export_arguments,
+)
+def _export(args: argparse.Namespace) -> int:
+    from .train.export import run
+
+    return run(args)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # train-embedded (comfy_mm_interleaved/shapestories/train_embedded.py; light imports until it runs)
 
 
@@ -287,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as err:
         print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -21,7 +21,7 @@ from comfy_mm_interleaved.shapestories.embedded import EMBEDDED_WORDS, build_emb
 from comfy_mm_interleaved.shapestories.generate import stream_document, training_stream
 from comfy_mm_interleaved.shapestories.plot import line_chart, smooth
 from comfy_mm_interleaved.shapestories.rules import Attributes
-from comfy_mm_interleaved.shapestories.train_embedded import averaged_weights, image_batches, read_metrics
+from comfy_mm_interleaved.shapestories.train_embedded import image_batches, read_metrics
 from comfy_mm_interleaved.tokenizer import ImageSegment, TextSegment
 from comfy_mm_interleaved.train.autoencoder import (
     AutoencoderTraining,
@@ -29,6 +29,7 @@ from comfy_mm_interleaved.train.autoencoder import (
     reconstruction_error,
     train_autoencoder,
 )
+from comfy_mm_interleaved.train.export import averaged_weights
 from comfy_mm_interleaved.train.sources import SourceConfig, get_format
 from comfy_mm_interleaved.train.stream import StreamConfig, TrainStream
 

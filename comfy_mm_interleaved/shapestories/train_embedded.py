@@ -148,18 +148,6 @@ def read_metrics(csv_path: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def averaged_weights(files: list[Path]) -> dict[str, torch.Tensor]:
-    """The element-wise mean of the floating tensors of several state-dict files (other tensors: the first file's)."""
-    from safetensors.torch import load_file
-
-    total = load_file(str(files[0]))
-    for path in files[1:]:
-        for name, tensor in load_file(str(path)).items():
-            if total[name].is_floating_point():
-                total[name] = total[name] + tensor
-    return {k: v / len(files) if v.is_floating_point() else v for k, v in total.items()}
-
-
 def stage_export(
     out: Path,
     init: Path,
@@ -174,6 +162,7 @@ def stage_export(
     ``checkpoint``), a cheap stand-in for an exponential moving average of the weights."""
     from ..checkpoint import from_pretrained, save_pretrained
     from ..train.checkpointing import latest_valid_checkpoint, list_checkpoints, read_trainer_state, verify_checkpoint
+    from ..train.export import averaged_weights
     from .plot import line_chart
 
     run = out / "run"
