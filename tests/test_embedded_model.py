@@ -8,6 +8,7 @@ full benchmark (256 documents per kind, with the MMFS ablation) is in docs/BENCH
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -16,7 +17,9 @@ from comfy_mm_interleaved.checkpoint import read_config, read_index
 from comfy_mm_interleaved.cli import main
 from comfy_mm_interleaved.inference.engine import EMBEDDED_MODEL_DIR, InterleavedEngine
 from comfy_mm_interleaved.shapestories.embedded import embedded_config
+from comfy_mm_interleaved.train.config import apply_override
 
+REPO = Path(__file__).resolve().parents[1]
 LIMIT = 6  # documents per task
 MAX_BYTES = 30 * 2**20  # the budget for the shipped safetensors
 
@@ -25,12 +28,17 @@ def test_embedded_folder_contents_and_size() -> None:
     folder = EMBEDDED_MODEL_DIR
     weights = sorted(folder.glob("*.safetensors"))
     assert weights and sum(p.stat().st_size for p in weights) <= MAX_BYTES
+    report = json.loads((folder / "training_report.json").read_text())
+    recipe = embedded_config().to_dict()
+    for stage in report.get("continuations", []):  # later training stages and the config fields they set
+        assert stage["steps"] > 0 and (REPO / stage["config"]).is_file(), stage
+        for item in stage["overrides"]:
+            apply_override(recipe, item)
     config, _ = read_config(folder)
-    assert config.to_dict() | {"image_decoder": None} == embedded_config().to_dict() | {"image_decoder": None}
+    assert config.to_dict() | {"image_decoder": None} == recipe | {"image_decoder": None}
     assert config.image_decoder.vae["scaling_factor"] != 1.0  # set from the trained VAE's latents
     index = read_index(folder)
     assert {folder / name for name in set(index["weight_map"].values())} == set(weights)
-    report = json.loads((folder / "training_report.json").read_text())
     assert report["command"].startswith("python -m comfy_mm_interleaved train-embedded")
     assert report["steps"] > 0 and report["git_revision"] and report["wall_seconds"]["train"] > 0
     for name in ("loss_text.png", "loss_image.png", "loss_total.png"):
