@@ -15,6 +15,7 @@ from __future__ import annotations
 import html
 import io
 import json
+import re
 import time
 from itertools import product
 
@@ -146,7 +147,9 @@ def test_visual_question_answering_workflow(server) -> None:
     answer = text_output(entry, "10")
     document = text_output(entry, "12")
     assert document.startswith("<image 1> <image 2> what colour is it?")
-    assert document.endswith(answer.strip()) if answer.strip() else True
+    # the answer ends the text; a model that goes on to <BOI> stops there (stop_on_image) with a pending image
+    text = re.sub(r" <image \d+: pending>$", "", document)
+    assert text.endswith(answer.strip()) if answer.strip() else True
     if TRAINED:
         assert answer.strip() == "green."  # the question is about the last image: a large green triangle
 
