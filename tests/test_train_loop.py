@@ -311,12 +311,13 @@ def test_loss_weights_of_the_run_override_the_model_config(corpus, reference, tm
     model = build()
     assert (model.config.loss_txt_weight, model.config.loss_img_weight) == (1.0, 10.0)
     trainer = Trainer(TrainConfig.load(write_config(tmp_path / "c.yaml", data)), model=model)
-    assert (model.config.loss_txt_weight, model.config.loss_img_weight) == (0.0, 25.0)
+    assert trainer.loss_weights == {"loss_txt_weight": 0.0, "loss_img_weight": 25.0}
     logged = {}
     trainer.train()
     for tag in ("loss", "loss_txt", "loss_img"):
         logged[tag] = read_metrics(tmp_path / "out" / "metrics.csv", tag)[1]
     assert logged["loss"] == pytest.approx(25.0 * logged["loss_img"], rel=1e-5)  # no text term, image x 25
+    assert (model.config.loss_txt_weight, model.config.loss_img_weight) == (1.0, 10.0)  # a saved model keeps them
 
     data["model"]["loss_img_weight"] = -1.0
     with pytest.raises(ValueError, match=r"model.loss_img_weight must be >= 0"):

@@ -160,30 +160,24 @@ def stage_export(
     """Stage 3: the newest valid checkpoint (or ``checkpoint``) as a model folder + tokenizer + training report and
     loss curves. ``average`` > 1: the mean of the weights of that many newest valid checkpoints (up to
     ``checkpoint``), a cheap stand-in for an exponential moving average of the weights."""
-    from ..checkpoint import from_pretrained, save_pretrained
+    from ..checkpoint import build_empty_model, read_config
     from ..train.checkpointing import latest_valid_checkpoint, list_checkpoints, read_trainer_state, verify_checkpoint
-    from ..train.export import averaged_weights
+    from ..train.export import export_checkpoint
     from .plot import line_chart
 
     run = out / "run"
     checkpoint = checkpoint or latest_valid_checkpoint(run / "checkpoints")
     if checkpoint is None:
         raise FileNotFoundError(f"no valid checkpoint under {run / 'checkpoints'}; run the train stage first")
-    if not (checkpoint / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{checkpoint} has no model.safetensors; pass a training checkpoint folder (step_N)")
-    step = read_trainer_state(checkpoint)["step"]
+    step = read_trainer_state(checkpoint)["step"]  # export_checkpoint checks each checkpoint's files
     sources = [checkpoint]
     if average > 1:
         older = [f for s, f in list_checkpoints(checkpoint.parent) if s < step and verify_checkpoint(f, False) is None]
         sources += older[: average - 1]
         if len(sources) < average:
             raise FileNotFoundError(f"--average {average}: only {len(sources)} valid checkpoints up to step {step}")
-    model = from_pretrained(init)
-    model.load_state_dict(averaged_weights([f / "model.safetensors" for f in sources]), strict=True)
     tmp = export.with_name(export.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, tmp)
-    shutil.copytree(init / "tokenizer", tmp / "tokenizer")
+    export_checkpoint(sources, init, tmp, overwrite=True)  # weights (averaged), config, tokenizer
     series = {  # the rows up to the exported step (a later checkpoint may have logged more)
         tag: [(s, v) for s, v in values if s <= step] for tag, values in read_metrics(run / "metrics.csv").items()
     }
@@ -205,7 +199,7 @@ def stage_export(
         "wall_seconds": wall_seconds,
         "vae": {k: v for k, v in vae_report.items() if k != "log"},
         "final_losses": {tag: values[-1][1] for tag, values in series.items() if tag.startswith("loss") and values},
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": sum(p.numel() for p in build_empty_model(read_config(tmp)[0]).parameters()),
     }
     (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1))
     if export.exists():

@@ -33,7 +33,7 @@ class ModelSection:
     unfreeze: list[str] = field(default_factory=list)  # name substrings to train anyway (after the freezing)
     gradient_checkpointing: bool = False
     # this run's loss weights instead of the model config's (official: 1.0 and 10.0; its collators set one of them
-    # to 0 per task); the saved model config keeps its own values
+    # to 0 per task), passed to the model's forward; the model config keeps its own values
     loss_txt_weight: float | None = None
     loss_img_weight: float | None = None
 

@@ -84,38 +84,40 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     """The model to train: a custom factory, a checkpoint in our format, or a fresh model from a config."""
     section = cfg.model
     if section.factory:
-        model = import_object(section.factory)(cfg)
-    elif section.init_from:
+        return import_object(section.factory)(cfg)
+    if section.init_from:
         from ..checkpoint import from_pretrained
 
         model = from_pretrained(section.init_from)
         if section.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable()
-    elif section.config:
-        from ..models.mm_interleaved import MMInterleaved
-
-        config = model_config_from(section.config)
-        if section.gradient_checkpointing:
-            enable_gradient_checkpointing(config)
-        model = MMInterleaved(config)
-    else:
+        return model
+    if not section.config:
         raise ValueError("set model.config (a config.json, 'official_13b' or 'tiny:<path>') or model.init_from")
-    return model
+    from ..models.mm_interleaved import MMInterleaved
+
+    config = model_config_from(section.config)
+    if section.gradient_checkpointing:
+        enable_gradient_checkpointing(config)
+    return MMInterleaved(config)
 
 
-def with_loss_weights(model: nn.Module, section: ModelSection) -> nn.Module:
-    """Apply ``model.loss_txt_weight`` / ``model.loss_img_weight`` of the run to the model's config."""
+def run_loss_weights(section: ModelSection, forward_params: dict[str, inspect.Parameter]) -> dict[str, float]:
+    """``model.loss_txt_weight`` / ``model.loss_img_weight`` of the run, as forward arguments (the model's config
+    is left as it is)."""
+    weights = {}
     for name in ("loss_txt_weight", "loss_img_weight"):
         value = getattr(section, name)
         if value is None:
             continue
         if value < 0:
             raise ValueError(f"model.{name} must be >= 0, got {value}")
-        config = getattr(model, "config", None)
-        if not hasattr(config, name):
-            raise ValueError(f"model.{name} is set but {type(model).__name__} has no config.{name} to override")
-        setattr(config, name, float(value))
-    return model
+        weights[name] = float(value)
+    if weights and not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in forward_params.values()):
+        missing = sorted(set(weights) - set(forward_params))
+        if missing:
+            raise ValueError(f"model.{missing[0]} is set but the model's forward takes no {missing[0]} argument")
+    return weights
 
 
 def build_tokenizer(cfg: TrainConfig, model_config: MMInterleavedConfig):
@@ -205,9 +207,10 @@ class Trainer:
         self.output_dir = Path(t.output_dir)
         self.checkpoint_root = self.output_dir / "checkpoints"
         set_seed(t.seed)
-        model = with_loss_weights(model if model is not None else build_model(cfg), cfg.model)
+        model = model if model is not None else build_model(cfg)
         self.model_config: MMInterleavedConfig = model.config
         self.forward_params = dict(inspect.signature(model.forward).parameters)
+        self.loss_weights = run_loss_weights(cfg.model, self.forward_params)
         apply_freezing(model, cfg.model.freeze, cfg.model.freeze_extra, cfg.model.unfreeze)
         self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg, self.model_config)
         sync_stream_with_model(cfg.data, self.model_config)
@@ -322,7 +325,7 @@ class Trainer:
                     if t.seed_per_batch:
                         torch.manual_seed(t.seed * 1_000_003 + extra["_index"])
                     with acc.accumulate(self.model):
-                        output = self.model(**kwargs)
+                        output = self.model(**kwargs, **self.loss_weights)
                         acc.backward(output.loss if not isinstance(output, dict) else output["loss"])
                         grad_norm = None
                         if acc.sync_gradients and self.cfg.optim.max_grad_norm is not None:
@@ -422,7 +425,7 @@ class Trainer:
                             break
                         kwargs = move_batch(batch, acc.device)[0]
                         with acc.autocast():
-                            losses.append(loss_terms(self.model(**kwargs)))
+                            losses.append(loss_terms(self.model(**kwargs, **self.loss_weights)))
                     for key in losses[0]:
                         local = torch.stack([t[key] for t in losses]).mean().reshape(1)
                         out[f"eval/{key}"] = float(acc.gather(local).mean())
