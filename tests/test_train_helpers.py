@@ -38,14 +38,17 @@ def tiny_config(**sizes) -> MMInterleavedConfig:
 class FaultInjector:
     """Forward pre-hook: the process sends itself ``sig`` at the ``at``-th training forward call."""
 
-    def __init__(self, at: int, sig: signal.Signals) -> None:
-        self.at, self.sig, self.calls = at, sig, 0
+    def __init__(self, at: int, sig: signal.Signals, group: bool = False) -> None:
+        self.at, self.sig, self.group, self.calls = at, sig, group, 0
 
     def __call__(self, module: torch.nn.Module, args: tuple) -> None:
         if module.training:
             self.calls += 1
             if self.calls == self.at:
-                os.kill(os.getpid(), self.sig)
+                if self.group:  # the whole process group, DataLoader workers included (timeout, kill -TERM -pgid)
+                    os.killpg(os.getpgrp(), self.sig)
+                else:
+                    os.kill(os.getpid(), self.sig)
 
 
 def build(cfg=None) -> MMInterleaved:  # noqa: ANN001
@@ -53,9 +56,14 @@ def build(cfg=None) -> MMInterleaved:  # noqa: ANN001
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = MMInterleaved(tiny_config())
-    for env, sig in (("TRAIN_TEST_KILL_AT_CALL", signal.SIGKILL), ("TRAIN_TEST_TERM_AT_CALL", signal.SIGTERM)):
+    faults = (
+        ("TRAIN_TEST_KILL_AT_CALL", signal.SIGKILL, False),
+        ("TRAIN_TEST_TERM_AT_CALL", signal.SIGTERM, False),
+        ("TRAIN_TEST_TERM_GROUP_AT_CALL", signal.SIGTERM, True),
+    )
+    for env, sig, group in faults:
         if os.environ.get(env):
-            model.register_forward_pre_hook(FaultInjector(int(os.environ[env]), sig))
+            model.register_forward_pre_hook(FaultInjector(int(os.environ[env]), sig, group))
     return model
 
 

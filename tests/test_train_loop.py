@@ -66,11 +66,19 @@ def write_config(path: Path, data: dict) -> Path:
     return path
 
 
-def run_cli(config: Path, env: dict[str, str] | None = None, launcher: list[str] | None = None, timeout: int = 240):
+def run_cli(
+    config: Path,
+    env: dict[str, str] | None = None,
+    launcher: list[str] | None = None,
+    timeout: int = 240,
+    new_session: bool = False,
+):
     cmd = (launcher or [sys.executable]) + ["-m", "comfy_mm_interleaved", "train", "--config", str(config)]
     paths = [str(REPO / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])]  # the factory's module
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(paths), **(env or {})}
-    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout, start_new_session=new_session
+    )
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -102,6 +110,20 @@ def test_sigkill_between_checkpoints_resumes_and_reproduces_the_losses_exactly(
     result = train(TrainConfig.load(config), model=build())  # the restart, here in the test process
     assert result.step == 6 and "step_00000004 at step 4" in caplog.text
     assert losses(tmp_path / "out") == reference  # bit-exact, steps 1-4 before the kill and 5-6 after
+
+
+def test_sigterm_to_the_process_group_with_dataloader_workers_still_saves(corpus, tmp_path) -> None:
+    """``timeout`` / ``kill -TERM -pgid`` / schedulers signal the workers too: the step still ends with a checkpoint."""
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", config_dict(out, corpus, num_workers=2, save_every=100, max_steps=50))
+    # own session: the signal reaches the run's process group only, not pytest's
+    stopped = run_cli(config, {"TRAIN_TEST_TERM_GROUP_AT_CALL": "5"}, new_session=True)  # during step 3
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert "stopped by signal at step 3" in stopped.stderr, stopped.stderr[-3000:]
+    step3 = out / "checkpoints" / "step_00000003"
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [3]
+    assert verify_checkpoint(step3) is None
+    assert sorted(losses(out)) == [1, 2, 3]
 
 
 def test_sigterm_saves_a_checkpoint_and_a_corrupt_one_falls_back(corpus, reference, tmp_path) -> None:

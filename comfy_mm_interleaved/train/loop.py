@@ -186,6 +186,17 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker init: leave SIGTERM / SIGUSR1 / SIGINT to the main process.
+
+    ``kill -TERM -<pgid>``, ``timeout`` and cluster schedulers signal the whole process group; a worker killed by it
+    makes the main process raise in its next ``next()`` instead of finishing the step and saving a checkpoint. The
+    workers still end when the loader shuts down or when the main process dies.
+    """
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -298,6 +309,7 @@ class Trainer:
             stream,
             batch_size=None,
             num_workers=self.cfg.train.num_workers,
+            worker_init_fn=ignore_stop_signals,
             generator=torch.Generator().manual_seed(self.cfg.train.seed),  # never touches the global RNG
         )
         return iter(loader)
