@@ -312,26 +312,38 @@ def bench_mmfs(args, device: torch.device, dtype: torch.dtype) -> list[Row]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def tune_triton(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
-    """Sweep (BLOCK_Q, num_warps) of the plain kernels at the LLM shape; the defaults come from launch_config."""
-    from comfy_mm_interleaved.kernels.msda import launch_config, msda_backward, msda_forward
+def gather_bound_ms(case: MSDACase, l1_bytes_per_s: float = 33e12) -> float:
+    """KERNELS.md's gather-bound estimate: every tap's four corner rows of D values through L1 at the ideal rate."""
+    n, lq, m, levels, points, _ = case.sampling_locations.shape
+    taps = n * lq * m * levels * points
+    return taps * 4 * case.value.shape[3] * case.value.element_size() / l1_bytes_per_s * 1e3
+
+
+def tune_triton(args, device: torch.device, dtype: torch.dtype) -> Iterator[dict]:
+    """Sweep (BLOCK_Q, num_warps) of the plain kernels at the LLM shape, the forward with and without the metadata
+    prefetch; the defaults come from launch_config."""
+    from comfy_mm_interleaved.kernels.msda import FORWARD_PREFETCH, launch_config, msda_backward, msda_forward
 
     case = scaled_case("llm_mmfs", args.scale, dtype, device)
     time_it = timer(device, 2, max(5, args.repeats // 2))
-    default = launch_config(case.sampling_locations.shape[1], case.sampling_locations.shape[4], case.value.shape[3])
-    results = []
-    for block_q in (2, 4, 8, 16):
-        for warps in (2, 4, 8):
-            entry = {"block_q": block_q, "num_warps": warps, "default": (block_q, warps) == (default[0], default[3])}
+    lq, points, d = case.sampling_locations.shape[1], case.sampling_locations.shape[4], case.value.shape[3]
+    default = launch_config(lq, points, d, value_bytes=case.value.element_size())
+    grid = [tuple(int(v) for v in item.split("x")) for item in args.tune_grid.split(",")]
+    for block_q, warps in grid:
+        for prefetch in (False, True):
+            entry = {"block_q": block_q, "num_warps": warps, "prefetch": prefetch,
+                     "default": (block_q, warps, prefetch) == (default[0], default[3], FORWARD_PREFETCH)}  # fmt: skip
             try:
-                entry["fwd_ms"] = time_it(lambda: msda_forward(*case.args(), block_q=block_q, num_warps=warps))  # noqa: B023
-                entry["bwd_ms"] = time_it(
-                    lambda: msda_backward(*case.args(), case.grad_output, block_q=block_q, num_warps=warps)  # noqa: B023
+                entry["fwd_ms"] = time_it(
+                    lambda: msda_forward(*case.args(), block_q=block_q, num_warps=warps, prefetch=prefetch)  # noqa: B023
                 )
+                if not prefetch and not args.tune_no_backward:
+                    entry["bwd_ms"] = time_it(
+                        lambda: msda_backward(*case.args(), case.grad_output, block_q=block_q, num_warps=warps)  # noqa: B023
+                    )
             except Exception as error:
                 entry["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
-            results.append(entry)
-    return results
+            yield entry
 
 
 def fmt(x: float | None, digits: int = 3) -> str:
@@ -378,6 +390,8 @@ def main() -> None:
     parser.add_argument("--build-detr-only", action="store_true", help="only build Deformable-DETR's op, then exit")
     parser.add_argument("--check-only", action="store_true", help="check against the reference, do not time")
     parser.add_argument("--tune-only", action="store_true", help="GPU: only sweep BLOCK_Q and num_warps of the kernels")
+    parser.add_argument("--tune-grid", default="2x4,4x2,4x4,8x2,8x4,16x4", help="BLOCK_QxWARPS list for --tune-only")
+    parser.add_argument("--tune-no-backward", action="store_true", help="--tune-only: time the forward only")
     parser.add_argument("--json", default=None, help="write all results here (default $OUT/kernel_bench.json)")
     args = parser.parse_args()
 
@@ -417,13 +431,27 @@ def main() -> None:
         sys.exit(0 if detr is not None else 1)
 
     if args.tune_only:
-        if not on_gpu:
-            raise SystemExit("--tune-only needs a GPU")
-        print("Triton plain-kernel sweep at llm_mmfs (ms, median): BLOCK_Q x num_warps -> forward / backward")
+        if not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":
+            raise SystemExit("--tune-only needs a GPU (or TRITON_INTERPRET=1 and a small --scale, to try it on a CPU)")
+        bound = gather_bound_ms(scaled_case("llm_mmfs", args.scale, dtype, device))
+        print(f"Triton plain-kernel sweep at llm_mmfs, {dtype} values (ms, median): BLOCK_Q x num_warps, prefetch -> "
+              f"forward / backward; gather bound {bound:.3f} ms at 33 TB/s")  # fmt: skip
+        entries = []
         for entry in tune_triton(args, device, dtype):
+            entries.append(entry)
             mark = " (default)" if entry["default"] else ""
-            print(f"  {entry['block_q']:>2} x {entry['num_warps']}: {fmt(entry.get('fwd_ms'))} / "
-                  f"{fmt(entry.get('bwd_ms'))}{mark} {entry.get('error', '')}", flush=True)  # fmt: skip
+            print(f"  {entry['block_q']:>2} x {entry['num_warps']} prefetch {int(entry['prefetch'])}: "
+                  f"{fmt(entry.get('fwd_ms'))} / {fmt(entry.get('bwd_ms'))}{mark} {entry.get('error', '')}",
+                  flush=True)  # fmt: skip
+        timed = [e for e in entries if e.get("fwd_ms")]
+        if timed:
+            best = min(timed, key=lambda e: e["fwd_ms"])
+            print(f"best forward: {best['block_q']} x {best['num_warps']} prefetch {int(best['prefetch'])} "
+                  f"{best['fwd_ms']:.3f} ms = {best['fwd_ms'] / bound:.2f}x the gather bound")  # fmt: skip
+        out_path = args.json or (os.path.join(os.environ["OUT"], "kernel_tune.json") if os.environ.get("OUT") else None)
+        if out_path:
+            Path(out_path).write_text(json.dumps({"machine": machine, "dtype": str(dtype), "gather_bound_ms": bound,
+                                                  "entries": entries}, indent=1))  # fmt: skip
         return
 
     rows: list[Row] = []

@@ -19,6 +19,8 @@ under ``TRITON_INTERPRET=1``.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -136,10 +138,20 @@ def rows_of_tile(tile, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl
 # ---------------------------------------------------------------------------------------------------------------
 # the plain op
 @triton.jit
+def _level_metadata(attn_ptr, loc_ptr, offs, ok, CDT: tl.constexpr):
+    """Weights and normalised (x, y) [R] of one level's taps (zero where ``ok`` is false), read once (streamed)."""
+    weight = tl.load(attn_ptr + offs, mask=ok, other=0.0, eviction_policy="evict_first").to(CDT)
+    x = tl.load(loc_ptr + 2 * offs, mask=ok, other=0.0, eviction_policy="evict_first").to(CDT)
+    y = tl.load(loc_ptr + 2 * offs + 1, mask=ok, other=0.0, eviction_policy="evict_first").to(CDT)
+    return weight, x, y
+
+
+@triton.jit
 def msda_forward_kernel(
     value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
     S, Lq, M, L, P, D,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, CDT: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     head = tl.program_id(1)
@@ -156,18 +168,37 @@ def msda_forward_kernel(
     meta = ((batch * Lq + query) * M + head) * L * P + point  # [R] offset of (n, q, m, level 0, p)
 
     acc = tl.zeros([R, BLOCK_D], dtype=CDT)
-    for level in range(L):
-        height = tl.load(shapes_ptr + 2 * level)
-        width = tl.load(shapes_ptr + 2 * level + 1)
-        start = tl.load(starts_ptr + level)
-        offs = meta + level * P
-        weight = tl.load(attn_ptr + offs, mask=row_ok, other=0.0).to(CDT)
-        if tl.max(tl.abs(weight), axis=0) > 0:  # exact skip: taps with weight 0 add exactly 0
-            x = tl.load(loc_ptr + 2 * offs, mask=row_ok, other=0.0).to(CDT)
-            y = tl.load(loc_ptr + 2 * offs + 1, mask=row_ok, other=0.0).to(CDT)
-            acc += sample_level(
-                v_ptr, x, y, weight, height, width, start, stride_pix, d_offs, d_ok, row_ok & (weight != 0.0), CDT
+    if PREFETCH:
+        # the next level's weights and locations are in flight while this level's corners are gathered, so a
+        # program never waits for its metadata and its gathers one after the other
+        weight, x, y = _level_metadata(attn_ptr, loc_ptr, meta, row_ok, CDT)
+        for level in range(L):
+            height = tl.load(shapes_ptr + 2 * level)
+            width = tl.load(shapes_ptr + 2 * level + 1)
+            start = tl.load(starts_ptr + level)
+            next_weight, next_x, next_y = _level_metadata(
+                attn_ptr, loc_ptr, meta + (level + 1) * P, row_ok & (level + 1 < L), CDT
             )
+            if tl.max(tl.abs(weight), axis=0) > 0:  # exact skip: taps with weight 0 add exactly 0
+                acc += sample_level(
+                    v_ptr, x, y, weight, height, width, start, stride_pix, d_offs, d_ok, row_ok & (weight != 0.0), CDT
+                )
+            weight = next_weight
+            x = next_x
+            y = next_y
+    else:
+        for level in range(L):
+            height = tl.load(shapes_ptr + 2 * level)
+            width = tl.load(shapes_ptr + 2 * level + 1)
+            start = tl.load(starts_ptr + level)
+            offs = meta + level * P
+            weight = tl.load(attn_ptr + offs, mask=row_ok, other=0.0).to(CDT)
+            if tl.max(tl.abs(weight), axis=0) > 0:  # exact skip: taps with weight 0 add exactly 0
+                x = tl.load(loc_ptr + 2 * offs, mask=row_ok, other=0.0).to(CDT)
+                y = tl.load(loc_ptr + 2 * offs + 1, mask=row_ok, other=0.0).to(CDT)
+                acc += sample_level(
+                    v_ptr, x, y, weight, height, width, start, stride_pix, d_offs, d_ok, row_ok & (weight != 0.0), CDT
+                )
     out = tl.sum(tl.reshape(acc, (BLOCK_Q, BLOCK_P, BLOCK_D)), axis=1)
     q_out = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     out_offs = ((batch * Lq + q_out) * M + head) * D
@@ -223,6 +254,11 @@ def msda_backward_kernel(
 # fmt: on
 # ---------------------------------------------------------------------------------------------------------------
 # launchers
+# The forward reads the next level's metadata while gathering this level's corners (A/B in bench/kernel.py --tune-only;
+# MMI_MSDA_PREFETCH=1/0 overrides the default for a run).
+FORWARD_PREFETCH = os.environ.get("MMI_MSDA_PREFETCH", "0") == "1"
+
+
 def compute_tl_dtype(dtype: torch.dtype):
     """Triton compute dtype for a torch compute dtype (float32 or float64)."""
     return tl.float64 if dtype == torch.float64 else tl.float32
@@ -270,8 +306,12 @@ def msda_forward(
     attention_weights: torch.Tensor,
     block_q: int | None = None,
     num_warps: int | None = None,
+    prefetch: bool | None = None,
 ) -> torch.Tensor:
-    """Launch the forward kernel on validated, contiguous inputs (locations/weights in the compute dtype)."""
+    """Launch the forward kernel on validated, contiguous inputs (locations/weights in the compute dtype).
+
+    ``prefetch`` (default :data:`FORWARD_PREFETCH`) reads each level's metadata one level ahead.
+    """
     n, s, m, d = value.shape
     _, lq, _, n_levels, n_points, _ = sampling_locations.shape
     out = value.new_empty(n, lq, m * d)
@@ -283,7 +323,8 @@ def msda_forward(
     msda_forward_kernel[grid](
         value, shapes, starts, sampling_locations, attention_weights, out,
         s, lq, m, n_levels, n_points, d,
-        BLOCK_Q=bq, BLOCK_P=bp, BLOCK_D=bd, CDT=compute_tl_dtype(sampling_locations.dtype), num_warps=warps,
+        BLOCK_Q=bq, BLOCK_P=bp, BLOCK_D=bd, CDT=compute_tl_dtype(sampling_locations.dtype),
+        PREFETCH=FORWARD_PREFETCH if prefetch is None else prefetch, num_warps=warps,
     )  # fmt: skip
     return out
 

@@ -141,3 +141,20 @@ def test_kernel_msda_parity(precision: str) -> None:
     smooth = ~kink
     assert_close(grad_loc.cpu()[smooth], golden[f"{precision}.grad.sampling_locations"][smooth], TOL, "grad.loc")
     assert_close(grad_loc.cpu()[kink], golden["f64.grad.sampling_locations"][kink], TOL, "grad.loc at kinks")
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_kernel_forward_prefetch_variants_agree(prefetch: bool) -> None:
+    """Both forward loops (metadata read per level, or one level ahead) give the reference and skip unseen images."""
+    from comfy_mm_interleaved.kernels.msda import msda_forward
+
+    n_img, levels = 3, 2
+    case = random_case(2, 7, 2, 10, [(5, 4), (2, 3)] * n_img, 3, device=DEVICE, seed=13)
+    visible = causal_image_visibility(2, 7, n_img, DEVICE)
+    visible[..., -1] = 0  # nobody sees the last image
+    case = mask_invisible_images(case, visible, levels)
+    got = msda_forward(*case.args(), prefetch=prefetch)
+    assert_close(got, reference_with_grads(case)[0], TOL, f"output (prefetch={prefetch})")
+    poisoned = case.value.clone()
+    poisoned[:, int(case.level_start_index[-levels]) :] = float("nan")
+    assert torch.equal(msda_forward(poisoned, *case.args()[1:], prefetch=prefetch), got)
