@@ -254,9 +254,9 @@ def msda_backward_kernel(
 # fmt: on
 # ---------------------------------------------------------------------------------------------------------------
 # launchers
-# The forward reads the next level's metadata while gathering this level's corners (A/B in bench/kernel.py --tune-only;
-# MMI_MSDA_PREFETCH=1/0 overrides the default for a run).
-FORWARD_PREFETCH = os.environ.get("MMI_MSDA_PREFETCH", "0") == "1"
+# The forward reads the next level's metadata while gathering this level's corners: 0.84 instead of 0.98 ms at the
+# LLM-side shape in bf16 on an H100 (bench/kernel.py --tune-only; MMI_MSDA_PREFETCH=0 restores the plain loop).
+FORWARD_PREFETCH = os.environ.get("MMI_MSDA_PREFETCH", "1") == "1"
 
 
 def compute_tl_dtype(dtype: torch.dtype):
@@ -275,22 +275,22 @@ def launch_config(
 ):
     """(BLOCK_Q, BLOCK_P, BLOCK_D, num_warps).
 
-    Forward: about 64 sampling rows per program (32 for wide heads); 2 warps while a corner tile of 16-bit values
-    is at most 8 KiB, 4 warps for wider tiles (fp32 values on 2 warps spill registers: 8x slower on an H100).
-    Backward: 16 rows on 8 warps, which spreads one program's grad_value atomics over more threads. Chosen from the
-    BLOCK_Q x num_warps sweep on an H100 at the LLM-side MMFS shape (docs/BENCHMARKS.md, "Deformable sampling op").
+    Forward: corner tiles of about 8 KiB (64 sampling rows of 64 16-bit channels; 32 rows for wider heads or 32-bit
+    values) on 2 warps for 16-bit values and 4 for 32-bit ones. Backward: 16 rows on 8 warps, which spreads one
+    program's grad_value atomics over more threads. Chosen from the BLOCK_Q x num_warps sweeps on an H100 at the
+    LLM-side MMFS shape (docs/BENCHMARKS.md, "Deformable sampling op"): bf16 8 x 2 (0.84 ms with the prefetch),
+    fp32 4 x 4 (1.33 ms; 8 x 4 took 2.06-2.90 ms).
     """
     block_p = triton.next_power_of_2(n_points)
     block_d = triton.next_power_of_2(d)
     if block_q is None:
-        rows = 16 if backward else (32 if block_d > 64 else 64)
-        block_q = max(1, min(rows // block_p, triton.next_power_of_2(max(lq, 1))))
+        rows = 16 if backward else min(64, max(8, 8192 // (block_d * max(value_bytes, 2))))
+        block_q = max(1, min(max(rows // block_p, 1), triton.next_power_of_2(max(lq, 1))))
     if num_warps is None:
-        tile_bytes = block_q * block_p * block_d * value_bytes
         if backward:
             num_warps = 8 if block_q * block_p * block_d >= 1024 else 2
         else:
-            num_warps = 4 if tile_bytes >= 16384 else 2
+            num_warps = 2 if value_bytes <= 2 else 4
     return block_q, block_p, block_d, num_warps
 
 
