@@ -11,7 +11,11 @@ embeddings the UNet reads. 1.0 = the features are the attribute; 0.0 = they igno
 conditioning instead of the LLM's (one learned token per attribute value, padded to 77), then 48 images sampled
 (DDIM 25, guidance 1) and scored on the ShapeStories rules: what the image side learns once the prompt reaches it.
 
-    python bench/embedded_conditioning.py --model comfy_mm_interleaved/embedded --layers --oracle 300
+``--sensitivity``: how far each LLM layer's output at each position of ``a large red circle at top left. <BOI>``
+moves (|delta| / |state|) when one word of the prompt is swapped (the column, the row, the colour, the shape): which
+positions carry which word to the decoder, which reads the states up to <BOI>.
+
+    python bench/embedded_conditioning.py --model comfy_mm_interleaved/embedded --layers --sensitivity --oracle 300
 """
 
 from __future__ import annotations
@@ -146,11 +150,52 @@ def oracle(engine: InterleavedEngine, steps: int, batch: int = 32, seed: int = 0
     return {name: count / len(attributes) for name, count in tally.items()}
 
 
+SWAPS = {
+    "column": "a large red circle at top right.",
+    "row": "a large red circle at bottom left.",
+    "colour": "a large blue circle at top left.",
+    "shape": "a large red square at top left.",
+}
+
+
+def sensitivity_table(engine: InterleavedEngine) -> dict[str, list[list[float]]]:
+    """Per swapped word: per LLM layer, |delta state| / |state| at every position of the base prompt."""
+    layers = engine.model.mm_decoder.layers
+    captured: dict[int, torch.Tensor] = {}
+
+    def hook_for(k: int):
+        def hook(_module, _args, out) -> None:
+            captured.setdefault(k, (out[0] if isinstance(out, tuple) else out)[0].detach().clone())
+
+        return hook
+
+    def states(text: str) -> dict[int, torch.Tensor]:
+        captured.clear()
+        engine.clear_cache()
+        engine.generate_images(Interleaved.from_list([{"text": text}]), ImageOptions(num_inference_steps=1))
+        return dict(captured)
+
+    hooks = [layer.register_forward_hook(hook_for(k)) for k, layer in enumerate(layers)]
+    try:
+        base = states("a large red circle at top left.")
+        table = {}
+        for word, text in SWAPS.items():
+            other = states(text)
+            table[word] = [
+                ((other[k] - base[k]).norm(dim=-1) / base[k].norm(dim=-1)).tolist() for k in range(len(layers))
+            ]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="model folder (default: the embedded model)")
     parser.add_argument("--layers", action="store_true", help="attribute energy per LLM layer and in the prompt")
     parser.add_argument("--oracle", type=int, default=0, metavar="STEPS", help="UNet trained on clean conditioning")
+    parser.add_argument("--sensitivity", action="store_true", help="which positions move when one word is swapped")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("MMI_NUM_THREADS", "1")))
     engine = InterleavedEngine.from_pretrained(args.model, device="cpu")
@@ -160,6 +205,13 @@ def main() -> None:
         for name, rows, boi in layer_table(engine):
             at_boi = "".join(f"{boi[k]:>7.4f}" for k in ("colour", "shape", "position")) if boi else ""
             print(f"{name:<22}{rows['colour']:>8.4f}{rows['shape']:>8.4f}{rows['position']:>10.4f}   {at_boi}")
+    if args.sensitivity:
+        words = "<s> a large red circle at top left . <BOI>".split()
+        print("|delta| / |state| of each LLM layer's output per position when one word is swapped")
+        print(f"{'swap':<8}{'layer':>6}  " + "".join(f"{w:>8}" for w in words))
+        for word, per_layer in sensitivity_table(engine).items():
+            for k, values in enumerate(per_layer):
+                print(f"{word:<8}{k + 1:>6}  " + "".join(f"{v:>8.3f}" for v in values))
     if args.oracle:
         start = time.perf_counter()
         scores = oracle(engine, args.oracle)

@@ -66,10 +66,20 @@ def test_fixed_seed_captions_are_exact(report: dict) -> None:
 
 
 def test_fixed_seed_images_are_drawn_and_scored(report: dict) -> None:
-    """Every drawn image is read by the scorer (the shipped model's image side is weak: docs/BENCHMARKS.md)."""
+    """Every drawn image is read by the scorer, and the attributes the shipped model has learned come out right.
+
+    The shipped model draws colour, shape, size and the position's row right in 98-100 % of the test split and the
+    column at chance (docs/BENCHMARKS.md); on these fixed seeds it gets 5-6 of 6 each. One miss more than that is
+    allowed (a platform's rounding may flip a borderline image); a model that lost them scores near chance
+    (1, 2, 3 and 2 of 6). Stories: the changed attribute right and the others kept in 14 and 13 of 15 steps.
+    """
     results = report["results"]["mmfs_on"]
     generation = results["generation"]
     assert generation["all_correct"]["total"] == LIMIT
     assert all(a["total"] == LIMIT for a in generation["attributes"].values())
+    for name in ("colour", "shape", "size"):
+        assert generation["attributes"][name]["correct"] >= LIMIT - 2, (name, generation["attributes"][name])
+    assert generation["position_parts"]["row"]["correct"] >= LIMIT - 2, generation["position_parts"]
     story = results["story"]
     assert story["overall"]["total"] == sum(step["total"] for step in story["by_step"].values()) > 0
+    assert story["changed_right"]["ratio"] >= 0.6 and story["others_kept"]["ratio"] >= 0.6, story

@@ -309,6 +309,9 @@ def test_generation_accuracy_hand_computed() -> None:
         "size": 2,
         "position": 2,
     }
+    assert {k: t.correct for k, t in metrics.position_parts.items()} == {"row": 2, "column": 2}
+    moved = score.generation_accuracy([render(attrs("square", "green", "large", "middle", "left"), 32)], [a])
+    assert {k: t.correct for k, t in moved.position_parts.items()} == {"row": 1, "column": 0}
     assert metrics.unreadable == 1
 
 

@@ -267,6 +267,7 @@ class CaptionMetrics:
 class GenerationMetrics:
     all_correct: Tally = field(default_factory=Tally)
     attributes: dict[str, Tally] = field(default_factory=lambda: _tallies(ATTRIBUTES))
+    position_parts: dict[str, Tally] = field(default_factory=lambda: _tallies(("row", "column")))
     unreadable: int = 0
 
 
@@ -292,7 +293,8 @@ def caption_accuracy(predictions: Sequence[str], truths: Sequence[Attributes]) -
 
 
 def generation_accuracy(images: Sequence[ImageLike], truths: Sequence[Attributes]) -> GenerationMetrics:
-    """How many generated images show all four prompted attributes, and each attribute on its own."""
+    """How many generated images show all four prompted attributes, each attribute on its own, and the position's
+    row and column on their own (``position_parts``)."""
     _check_lengths(images, truths, "images", "truths")
     metrics = GenerationMetrics()
     for image, truth in zip(images, truths):
@@ -302,6 +304,9 @@ def generation_accuracy(images: Sequence[ImageLike], truths: Sequence[Attributes
         for name, ok in matches.items():
             metrics.attributes[name].add(ok)
         metrics.all_correct.add(all(matches.values()))
+        drawn_cell = reading.labels()["position"].split() if reading is not None else ["", ""]
+        metrics.position_parts["row"].add(drawn_cell[0] == truth.row)
+        metrics.position_parts["column"].add(drawn_cell[1] == truth.column)
     return metrics
 
 
