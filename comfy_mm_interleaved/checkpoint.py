@@ -48,6 +48,7 @@ _ROUTES: tuple[tuple[str, str], ...] = (
     ("text_decoder.", "text_decoder"),
     ("context_feat_proj.", "connector"),
     ("soi_token", "connector"),
+    ("context_embed_gate", "connector"),
 )
 COMPONENTS: tuple[str, ...] = (
     "visual_tokenizer",

@@ -261,6 +261,11 @@ class MMInterleavedConfig(_ConfigBase):
     # the choice SD-2 makes for its text encoder (its penultimate layer), for a small LLM whose last layer keeps
     # little but the next-token prediction (docs/BENCHMARKS.md, embedded model).
     image_context_layer: int | None = None
+    # True: the image decoder's context also gets the LLM's input embeddings (through the final RMSNorm), scaled per
+    # channel by ``context_embed_gate`` (zero-initialised: a model trained without it computes the same function until
+    # the gate learns). Not official. For a small LLM that does not carry every prompt word to a position the decoder
+    # uses (the embedded model's column word, docs/BENCHMARKS.md).
+    image_context_embeddings: bool = False
     dataset_to_ignore_noimage_cond_loss: list[str] = field(default_factory=lambda: ["laion_en", "laion_coco"])
     # Levels of the 4-level pyramid fed to each MMFS family (LLM: 32/16/8; UNet: all four).
     llm_mmfs_levels: list[int] = field(default_factory=lambda: [1, 2, 3])

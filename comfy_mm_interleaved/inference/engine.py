@@ -147,7 +147,7 @@ class _Context:
     cache: DynamicCache | None
     chunks: list[torch.Tensor]  # [1, l_i, D] pieces of the final hidden states
     mmfs: tuple[bool, ...]
-    # pieces of the hidden states that condition the image decoder, when config.image_context_layer is set
+    # pieces of the hidden states that condition the image decoder, when they differ from the text head's
     context_chunks: list[torch.Tensor] | None = None
 
     @property
@@ -455,7 +455,7 @@ class InterleavedEngine:
         return out
 
     def _new_context(self, ids: list[int], keys: list[str | None], cache: DynamicCache | None, mmfs) -> _Context:  # noqa: ANN001
-        separate = self.config.image_context_layer is not None
+        separate = self.model.separate_image_context
         return _Context(list(ids), list(keys), cache, [], mmfs, [] if separate else None)
 
     @torch.no_grad()

@@ -108,6 +108,8 @@ class MMInterleaved(nn.Module):
         self.image_decoder = ImageDecoder(config) if with_image_decoder else None
         self.context_feat_proj = nn.Linear(hidden, hidden)
         self.soi_token = nn.Parameter(torch.zeros(1, hidden))
+        if config.image_context_embeddings:
+            self.context_embed_gate = nn.Parameter(torch.zeros(hidden))
         layer = config.image_context_layer
         if layer is not None and not 1 <= layer < config.llm.num_hidden_layers:
             raise ValueError(
@@ -115,21 +117,32 @@ class MMInterleaved(nn.Module):
                 f"(the output of that many LLM layers), got {layer}"
             )
 
+    @property
+    def separate_image_context(self) -> bool:
+        """Whether the hidden states that condition the image decoder differ from the text head's."""
+        return self.config.image_context_layer is not None or self.config.image_context_embeddings
+
     def run_llm(self, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """The LLM (``mm_decoder``, same keyword arguments) -> (final hidden states [B, L, D] for the text head,
         the hidden states that condition the image decoder [B, L, D]: the same tensor unless
-        ``config.image_context_layer`` picks an earlier layer, whose output then goes through the final RMSNorm)."""
+        ``config.image_context_layer`` picks an earlier layer, whose output then goes through the final RMSNorm, or
+        ``config.image_context_embeddings`` adds the gated, normalised input embeddings)."""
         layer = self.config.image_context_layer
         if layer is None:
             hidden = self.mm_decoder(**kwargs).last_hidden_state
-            return hidden, hidden
-        captured: list[torch.Tensor] = []
-        handle = self.mm_decoder.layers[layer - 1].register_forward_hook(lambda _m, _a, out: captured.append(out))
-        try:
-            hidden = self.mm_decoder(**kwargs).last_hidden_state
-        finally:
-            handle.remove()
-        return hidden, self.mm_decoder.norm(captured[0])
+            context = hidden
+        else:
+            captured: list[torch.Tensor] = []
+            handle = self.mm_decoder.layers[layer - 1].register_forward_hook(lambda _m, _a, out: captured.append(out))
+            try:
+                hidden = self.mm_decoder(**kwargs).last_hidden_state
+            finally:
+                handle.remove()
+            context = self.mm_decoder.norm(captured[0])
+        if self.config.image_context_embeddings:
+            embeds = kwargs["inputs_embeds"]  # [B, L, D]
+            context = context + self.context_embed_gate.to(context.dtype) * self.mm_decoder.norm(embeds)
+        return hidden, context
 
     # ------------------------------------------------------------------------------------------------------
     # training forward
