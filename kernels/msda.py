@@ -138,6 +138,12 @@ def rows_of_tile(tile, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl
 # ---------------------------------------------------------------------------------------------------------------
 # the plain op
 @triton.jit
+def _level_table(shapes_ptr, starts_ptr, level):
+    """(height, width, first pixel) of one level."""
+    return tl.load(shapes_ptr + 2 * level), tl.load(shapes_ptr + 2 * level + 1), tl.load(starts_ptr + level)
+
+
+@triton.jit
 def _level_metadata(attn_ptr, loc_ptr, offs, ok, CDT: tl.constexpr):
     """Weights and normalised (x, y) [R] of one level's taps (zero where ``ok`` is false), read once (streamed)."""
     weight = tl.load(attn_ptr + offs, mask=ok, other=0.0, eviction_policy="evict_first").to(CDT)
@@ -173,9 +179,7 @@ def msda_forward_kernel(
         # program never waits for its metadata and its gathers one after the other
         weight, x, y = _level_metadata(attn_ptr, loc_ptr, meta, row_ok, CDT)
         for level in range(L):
-            height = tl.load(shapes_ptr + 2 * level)
-            width = tl.load(shapes_ptr + 2 * level + 1)
-            start = tl.load(starts_ptr + level)
+            height, width, start = _level_table(shapes_ptr, starts_ptr, level)
             next_weight, next_x, next_y = _level_metadata(
                 attn_ptr, loc_ptr, meta + (level + 1) * P, row_ok & (level + 1 < L), CDT
             )
@@ -188,9 +192,7 @@ def msda_forward_kernel(
             y = next_y
     else:
         for level in range(L):
-            height = tl.load(shapes_ptr + 2 * level)
-            width = tl.load(shapes_ptr + 2 * level + 1)
-            start = tl.load(starts_ptr + level)
+            height, width, start = _level_table(shapes_ptr, starts_ptr, level)
             offs = meta + level * P
             weight = tl.load(attn_ptr + offs, mask=row_ok, other=0.0).to(CDT)
             if tl.max(tl.abs(weight), axis=0) > 0:  # exact skip: taps with weight 0 add exactly 0
@@ -236,9 +238,7 @@ def msda_backward_kernel(
     go_rows = rows_of_tile(grad_out, BLOCK_Q, BLOCK_P, BLOCK_D)  # [R, BLOCK_D]
 
     for level in range(L):
-        height = tl.load(shapes_ptr + 2 * level)
-        width = tl.load(shapes_ptr + 2 * level + 1)
-        start = tl.load(starts_ptr + level)
+        height, width, start = _level_table(shapes_ptr, starts_ptr, level)
         offs = meta + level * P
         weight = tl.load(attn_ptr + offs, mask=row_ok, other=0.0).to(CDT)
         x = tl.load(loc_ptr + 2 * offs, mask=row_ok, other=0.0).to(CDT)
