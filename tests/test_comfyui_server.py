@@ -25,7 +25,12 @@ from PIL import Image
 
 from comfy_mm_interleaved.shapestories import Change
 from comfy_mm_interleaved.shapestories.rules import COLOURS, COLUMNS, ROWS, SHAPES, SIZES
-from comfy_mm_interleaved.shapestories.score import attribute_matches, parse_caption, read_image
+from comfy_mm_interleaved.shapestories.score import (
+    attribute_matches,
+    parse_caption,
+    position_part_matches,
+    read_image,
+)
 from comfyui_harness import (
     EMBEDDED_MODEL,
     NODE_IDS,
@@ -64,9 +69,7 @@ def assert_draws(image: Image.Image, expected: dict[str, str]) -> dict[str, str]
     drawn = read_image(image)
     assert drawn is not None, "the scorer finds no single shape in the image"
     labels = drawn.labels()
-    matches = attribute_matches(drawn, expected)
-    for index, part in enumerate(("row", "column")):
-        matches[part] = labels["position"].split()[index] == expected["position"].split()[index]
+    matches = attribute_matches(drawn, expected) | position_part_matches(drawn, expected["position"])
     assert all(matches[name] for name in CHECKED_ATTRIBUTES), (CHECKED_ATTRIBUTES, labels, expected)
     return labels
 

@@ -186,6 +186,17 @@ def attribute_matches(reading: Reading | None, expected: dict[str, str]) -> dict
     return {name: labels[name] == expected[name] for name in ATTRIBUTES}
 
 
+POSITION_PARTS = ("row", "column")
+
+
+def position_part_matches(reading: Reading | None, expected_position: str) -> dict[str, bool]:
+    """Whether the reading's row and its column (``"top left"`` -> ``top``, ``left``) are the expected ones."""
+    if reading is None:
+        return {part: False for part in POSITION_PARTS}
+    drawn = reading.labels()["position"].split()
+    return {part: got == want for part, got, want in zip(POSITION_PARTS, drawn, expected_position.split())}
+
+
 # ---- captions ------------------------------------------------------------------------------------------------
 
 _WORDS = {name: "|".join(values) for name, values in {"size": SIZES, "colour": COLOURS, "shape": SHAPES}.items()}
@@ -267,7 +278,7 @@ class CaptionMetrics:
 class GenerationMetrics:
     all_correct: Tally = field(default_factory=Tally)
     attributes: dict[str, Tally] = field(default_factory=lambda: _tallies(ATTRIBUTES))
-    position_parts: dict[str, Tally] = field(default_factory=lambda: _tallies(("row", "column")))
+    position_parts: dict[str, Tally] = field(default_factory=lambda: _tallies(POSITION_PARTS))
     unreadable: int = 0
 
 
@@ -300,13 +311,13 @@ def generation_accuracy(images: Sequence[ImageLike], truths: Sequence[Attributes
     for image, truth in zip(images, truths):
         reading = read_image(image)
         metrics.unreadable += reading is None
-        matches = attribute_matches(reading, truth.labels())
+        expected = truth.labels()
+        matches = attribute_matches(reading, expected)
         for name, ok in matches.items():
             metrics.attributes[name].add(ok)
         metrics.all_correct.add(all(matches.values()))
-        drawn_cell = reading.labels()["position"].split() if reading is not None else ["", ""]
-        metrics.position_parts["row"].add(drawn_cell[0] == truth.row)
-        metrics.position_parts["column"].add(drawn_cell[1] == truth.column)
+        for part, ok in position_part_matches(reading, expected["position"]).items():
+            metrics.position_parts[part].add(ok)
     return metrics
 
 
