@@ -26,6 +26,7 @@ class ModelSection:
     config: str | None = None  # MMInterleavedConfig JSON, "official_13b", or "tiny:<golden tiny_config.json>"
     init_from: str | None = None  # checkpoint folder in our format (also one converted from the official release)
     factory: str | None = None  # "module:function" returning an nn.Module from the TrainConfig (custom models)
+    factory_options: dict[str, Any] = field(default_factory=dict)  # read by the factory (its own keys)
     tokenizer: str | None = None  # local tokenizer folder (Vicuna for the real model)
     tokenizer_words: list[str] | None = None  # or: build a word-level tokenizer in-process from these words
     freeze: str = "official"  # "official" (§3.3) or "none"

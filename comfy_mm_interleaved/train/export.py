@@ -60,9 +60,11 @@ def export_checkpoint(
     out: Path,
     overrides: Sequence[str] = (),
     overwrite: bool = False,
+    drop: Sequence[str] = (),
 ) -> Path:
     """Write the model folder ``out``: ``base``'s config (with ``overrides``, ``key=value``) and tokenizer, and the
-    mean of the weights of ``checkpoints`` (every key of the model must be in them)."""
+    mean of the weights of ``checkpoints`` (every key of the model must be in them). Keys starting with one of
+    ``drop`` (training-only heads such as ``attribute_probe.``) are left out; each prefix must match a key."""
     from ..checkpoint import read_config, save_pretrained
     from ..config import MMInterleavedConfig
     from ..eval import git_revision
@@ -83,6 +85,12 @@ def export_checkpoint(
     config = MMInterleavedConfig.from_dict(raw)
     model = MMInterleaved(config)
     state = averaged_weights(files)
+    for prefix in drop:
+        dropped = [name for name in state if name.startswith(prefix)]
+        if not dropped:
+            raise ValueError(f"--drop {prefix!r} matches no weight of the checkpoints (check the prefix)")
+        for name in dropped:
+            del state[name]
     expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     resized = [
@@ -102,6 +110,7 @@ def export_checkpoint(
         shutil.copytree(base / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
     report: dict[str, Any] = {
         "base": str(base),
+        "dropped": list(drop),
         "checkpoints": [{"path": str(c), "step": read_trainer_state(Path(c))["step"]} for c in checkpoints],
         "overrides": list(overrides),
         "git_revision": git_revision(),
@@ -124,9 +133,16 @@ def add_arguments(parser) -> None:  # noqa: ANN001
         help="override a config field that does not change the weights, e.g. image_context_layer=2 (repeatable)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument(
+        "--drop",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="leave out the weights whose names start with PREFIX, e.g. a training-only attribute_probe. (repeatable)",
+    )
 
 
 def run(args) -> int:  # noqa: ANN001
-    folder = export_checkpoint(args.checkpoints, args.base, args.out, args.overrides, args.overwrite)
+    folder = export_checkpoint(args.checkpoints, args.base, args.out, args.overrides, args.overwrite, args.drop)
     print(f"exported {len(args.checkpoints)} checkpoint(s) -> {folder}")
     return 0

@@ -54,7 +54,7 @@ class TrainResult:
 # Building blocks
 
 
-CONSOLE_SCALARS = ("loss", "loss_txt", "loss_img", "grad_norm", "samples_per_s")
+CONSOLE_SCALARS = ("loss", "loss_txt", "loss_img", "loss_probe", "probe_acc/column", "grad_norm", "samples_per_s")
 
 
 def import_object(path: str) -> Any:
@@ -151,11 +151,13 @@ def sync_stream_with_model(data: StreamConfig, model_config: MMInterleavedConfig
 
 
 def loss_terms(output: Any) -> dict[str, torch.Tensor]:
-    """``loss`` plus whichever of ``loss_txt`` / ``loss_img`` the model output has (object or mapping)."""
+    """``loss`` plus whichever of ``loss_txt`` / ``loss_img`` / ``loss_probe`` the model output has (object or
+    mapping), and the scalar tensors of its optional ``scalars`` mapping (logged as they are)."""
     get = output.get if isinstance(output, dict) else lambda k, d=None: getattr(output, k, d)
-    terms = {k: get(k) for k in ("loss", "loss_txt", "loss_img")}
+    terms = {k: get(k) for k in ("loss", "loss_txt", "loss_img", "loss_probe")}
     if terms["loss"] is None:
         raise ValueError("the model's forward returned no 'loss'")
+    terms.update(get("scalars") or {})
     return {k: v.detach().float() for k, v in terms.items() if isinstance(v, torch.Tensor)}
 
 
