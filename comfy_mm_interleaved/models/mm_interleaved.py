@@ -289,6 +289,14 @@ class MMInterleaved(nn.Module):
             loss_mask=context_mask.sum(1) > 2,
         )
 
+    @staticmethod
+    def images_in_loss(conditioning: ImageConditioning, image_loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[n] bool: the images the diffusion loss uses (context beyond ``<s><BOI>``, and ``image_loss_mask``)."""
+        loss_mask = conditioning.loss_mask
+        if image_loss_mask is not None:
+            loss_mask = loss_mask & image_loss_mask.to(loss_mask.device).bool()
+        return loss_mask
+
     def image_loss(
         self,
         image_tensors_dec: torch.Tensor,
@@ -297,9 +305,7 @@ class MMInterleaved(nn.Module):
         image_loss_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The image decoder's diffusion loss of every image and its intermediates."""
-        loss_mask = conditioning.loss_mask
-        if image_loss_mask is not None:
-            loss_mask = loss_mask & image_loss_mask.to(loss_mask.device).bool()
+        loss_mask = self.images_in_loss(conditioning, image_loss_mask)
         return self.image_decoder.training_loss(
             image_tensors_dec,
             conditioning.context_features,

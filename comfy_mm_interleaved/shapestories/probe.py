@@ -93,9 +93,7 @@ class AttributeProbedMMInterleaved(MMInterleaved):
         image_loss_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss_img, outputs = super().image_loss(image_tensors_dec, conditioning, draws, image_loss_mask)
-        used = conditioning.loss_mask
-        if image_loss_mask is not None:
-            used = used & image_loss_mask.to(used.device).bool()
+        used = self.images_in_loss(conditioning, image_loss_mask)
         self._probe_terms = self.probe_loss(outputs["prompt_embeds"], image_tensors_dec, used)
         return loss_img, outputs
 
@@ -106,10 +104,9 @@ class AttributeProbedMMInterleaved(MMInterleaved):
         labels = attribute_labels(images_dec)  # [n, 5]
         labels = torch.where(used[:, None].to(labels.device), labels, IGNORE)
         logits = self.attribute_probe(prompt_embeds.float().mean(1))  # [n, 17]
-        losses, scalars, start = [], {}, 0
-        for k, (name, values) in enumerate(PROBED_ATTRIBUTES.items()):
-            part, target = logits[:, start : start + len(values)], labels[:, k]
-            start += len(values)
+        parts = logits.split([len(values) for values in PROBED_ATTRIBUTES.values()], dim=-1)
+        losses, scalars = [], {}
+        for name, part, target in zip(PROBED_ATTRIBUTES, parts, labels.unbind(-1)):
             known = target != IGNORE
             count = known.sum().clamp(min=1)  # sum / max(count, 1): zero (with a graph) when nothing is probed
             losses.append(F.cross_entropy(part, target, ignore_index=IGNORE, reduction="sum") / count)
