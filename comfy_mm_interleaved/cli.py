@@ -242,7 +242,7 @@ def _train_embedded_arguments(parser: argparse.ArgumentParser) -> None:
 
 @subcommand(
     "train-embedded",
-    "train the embedded ShapeStories model from scratch: VAE, main run, export (see docs/TRAINING.md)",
+    "train the embedded ShapeStories model from scratch: VAE, the recipe's stages, export (docs/TRAINING.md)",
     _train_embedded_arguments,
 )
 def _train_embedded(args: argparse.Namespace) -> int:

@@ -1,16 +1,19 @@
 """The embedded model's recipe: its tokenizer, the in-process ShapeStories source, the VAE stage, the line chart and
-the three-stage ``train-embedded`` command end to end (a few steps)."""
+the ``train-embedded`` command running a recipe of stages end to end (a few steps each)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from diffusers import AutoencoderKL
 from PIL import Image
+from safetensors.torch import load_file
 
 from comfy_mm_interleaved.cli import main
 from comfy_mm_interleaved.inference.document import Interleaved
@@ -197,29 +200,168 @@ def test_averaged_weights(tmp_path: Path) -> None:
 # the whole command, a few steps
 
 
-def test_train_embedded_three_stages_end_to_end(tmp_path: Path) -> None:
-    out = tmp_path / "emb"
-    args = ["train-embedded", "--out", str(out), "--vae-steps", "3", "--threads", "1"]
-    steps = ["--set", "train.max_steps=2", "--set", "train.save_every=1", "--set", "data.batch_size=2"]
-    assert main([*args, *steps]) == 0
+def write_recipe(path: Path, stages: list[dict], **top) -> Path:
+    path.write_text(yaml.safe_dump({"vae_steps": 3, "vae_batch_size": 4, "seed": 0, **top, "stages": stages}))
+    return path
+
+
+SMALL_STAGES = [
+    {  # a cut schedule, as the shipped main stage
+        "name": "first",
+        "config": "configs/train/embedded_shapestories.yaml",
+        "set": ["train.max_steps=4", "train.stop_at=2", "train.save_every=1"],
+    },
+    {  # an export that adds a zero-initialised weight and averages two checkpoints
+        "name": "gated",
+        "config": "configs/train/embedded_shapestories_questions.yaml",
+        "set": ["train.max_steps=2", "train.save_every=1"],
+        "export_average": 2,
+        "export_set": ["image_context_embeddings=true"],
+    },
+    {  # a training-only head, dropped at export
+        "name": "probed",
+        "config": "configs/train/embedded_shapestories_probe.yaml",
+        "set": ["train.max_steps=2", "train.save_every=1"],
+        "export_drop": ["attribute_probe."],
+    },
+]
+
+
+def test_train_embedded_runs_the_recipe_stage_by_stage_and_resumes(tmp_path: Path, capsys, monkeypatch) -> None:
+    import comfy_mm_interleaved.train.loop as loop
+    from comfy_mm_interleaved.checkpoint import from_pretrained
+
+    out, recipe = tmp_path / "emb", write_recipe(tmp_path / "recipe.yaml", SMALL_STAGES)
+    args = [
+        "train-embedded",
+        "--out",
+        str(out),
+        "--recipe",
+        str(recipe),
+        "--threads",
+        "1",
+        "--set",
+        "data.batch_size=2",
+    ]
+    stages = out / "stages"
+    assert main([*args, "--until", "gated"]) == 0
+    assert sorted(p.name for p in stages.iterdir()) == ["01_first", "02_gated"] and not (out / "model").exists()
+    first = json.loads((stages / "01_first" / "model" / "stage.json").read_text())
+    assert first["steps"] == 2 and first["averaged_checkpoints"] == [2] and first["from"] == str(out / "init")
+    gated = json.loads((stages / "02_gated" / "model" / "stage.json").read_text())
+    assert gated["averaged_checkpoints"] == [2, 1] and gated["from"] == str(stages / "01_first" / "model")
+    gated_model = from_pretrained(stages / "02_gated" / "model")
+    assert gated_model.config.image_context_embeddings and not gated_model.context_embed_gate.any()
+    finished = {name: (stages / name / "model" / "stage.json").stat().st_mtime_ns for name in ("01_first", "02_gated")}
+
+    # a stage stopped by a signal keeps its checkpoint and stops the command; the next call resumes it
+    real_train = loop.train
+
+    def stopped_train(cfg):  # noqa: ANN001, ANN202
+        return dataclasses.replace(real_train(cfg), stopped_by_signal=True)
+
+    monkeypatch.setattr(loop, "train", stopped_train)
+    assert main(args) == 0
+    assert "[probed] stopped at step 2 with a checkpoint; run the command again" in capsys.readouterr().out
+    assert (stages / "03_probed" / "run" / "checkpoints" / "step_00000002").is_dir()
+    assert not (stages / "03_probed" / "model").exists() and not (out / "model").exists()
+    monkeypatch.setattr(loop, "train", real_train)
+    assert main(args) == 0
+    assert "[first]" in (log := capsys.readouterr().out) and "exists; skipping the stage" in log
+    assert {n: (stages / n / "model" / "stage.json").stat().st_mtime_ns for n in finished} == finished
+
     model_dir = out / "model"
     report = json.loads((model_dir / "training_report.json").read_text())
-    assert report["steps"] == 2 and report["vae"]["steps"] == 3
-    assert set(report["wall_seconds"]) == {"vae", "train"}
+    assert [s["name"] for s in report["stages"]] == ["first", "gated", "probed"]
+    assert [s["steps"] for s in report["stages"]] == [2, 2, 2] and report["steps"] == 6
+    assert set(report["wall_seconds"]) == {"vae", "first", "gated", "probed"}
+    assert report["vae"]["steps"] == 3 and report["recipe"]["stages"][2]["export_drop"] == ["attribute_probe."]
     assert report["command"].startswith("python -m comfy_mm_interleaved train-embedded")
+    assert len(report["invocations"]) == 3
     for name in ("loss_text.png", "loss_image.png", "loss_total.png"):
         assert Image.open(model_dir / name).size == (640, 360)
+    assert not (model_dir / "stage.json").exists()
+    weights = load_file(str(model_dir / "connector-00001.safetensors"))
+    assert "context_embed_gate" in weights and not any(k.startswith("attribute_probe.") for k in weights)
     vae_scale = json.loads((out / "init" / "vae_training.json").read_text())["scaling_factor"]
     engine = InterleavedEngine.from_pretrained(model_dir, device="cpu")
     assert engine.model.image_decoder.decoder.scaling_factor == pytest.approx(vae_scale)
+    assert engine.model.config.image_context_embeddings
     reply = engine.generate_text(
         Interleaved([render(Attributes("circle", "red", "small", "top", "left", 0.12, (0.0, 0.0)), 64)]),
         TextOptions(max_new_tokens=3),
     )
     assert isinstance(reply.text, str)
-    # a rerun skips the finished VAE stage and resumes training from the last checkpoint
-    assert main([*args, "--set", "train.max_steps=3", "--set", "train.save_every=1", "--set", "data.batch_size=2"]) == 0
-    assert json.loads((model_dir / "training_report.json").read_text())["steps"] == 3
-    # export the mean of the two newest checkpoints
-    assert main([*args, "--stage", "export", "--average", "2", "--export", str(tmp_path / "avg")]) == 0
-    assert json.loads((tmp_path / "avg" / "training_report.json").read_text())["averaged_checkpoints"] == [3, 2]
+    # the export alone rebuilds the folder from the finished stages
+    assert main([*args, "--stage", "export", "--export", str(tmp_path / "again")]) == 0
+    assert json.loads((tmp_path / "again" / "training_report.json").read_text())["steps"] == 6
+
+
+def test_recipe_errors_are_clear(tmp_path: Path, capsys) -> None:
+    def refused(stages: list[dict], **top) -> str:
+        recipe = write_recipe(tmp_path / "r.yaml", stages, **top)
+        assert main(["train-embedded", "--out", str(tmp_path / "o"), "--recipe", str(recipe)]) == 1
+        return capsys.readouterr().err
+
+    stage = SMALL_STAGES[0]
+    assert "has no stages" in refused([])
+    assert "two stages are named 'first'" in refused([stage, stage])
+    assert "must be lower-case letters" in refused([{**stage, "name": "Main stage"}])
+    assert "not one of all, vae, export" in refused([{**stage, "name": "vae"}])
+    assert "which does not exist" in refused([{**stage, "config": "configs/train/nothing.yaml"}])
+    assert "export_average 0; use >= 1" in refused([{**stage, "export_average": 0}])
+    assert "unknown keys ['steps']" in refused([{**stage, "steps": 3}])
+    assert "must look like key=value" in refused([{**stage, "set": ["train.max_steps"]}])
+    recipe = write_recipe(tmp_path / "r.yaml", [stage])
+    assert main(["train-embedded", "--out", str(tmp_path / "o"), "--recipe", str(recipe), "--until", "second"]) == 1
+    assert "--until 'second' is not a stage" in capsys.readouterr().err
+    assert main(["train-embedded", "--out", str(tmp_path / "o"), "--recipe", str(tmp_path / "none.yaml")]) == 1
+    assert "none.yaml does not exist" in capsys.readouterr().err
+
+
+def test_the_shipped_recipe_is_the_shipped_model_s_history() -> None:
+    """Every stage of configs/train/embedded_recipe.yaml loads as a training config, can export what it saves, and
+    the stages are the shipped model's: the main run, then its continuations, with their steps."""
+    from comfy_mm_interleaved.shapestories.recipe import DEFAULT_RECIPE, Recipe
+    from comfy_mm_interleaved.train.config import TrainConfig
+
+    recipe = Recipe.load(DEFAULT_RECIPE)
+    shipped = json.loads(
+        (Path(__file__).resolve().parents[1] / "comfy_mm_interleaved/embedded/training_report.json").read_text()
+    )
+    history = [shipped["steps"], *(c["steps"] for c in shipped["continuations"])]
+    steps, configs = [], [shipped["train_config"], *(c["config"] for c in shipped["continuations"])]
+    for stage in recipe.stages:
+        cfg = TrainConfig.load(stage.config_path(), stage.set)
+        last = cfg.train.stop_at or cfg.train.max_steps
+        steps.append(last)
+        assert stage.export_average <= cfg.train.keep_last, stage.name
+        saved = {last, *range(cfg.train.save_every, last, cfg.train.save_every)}
+        assert len(saved) >= stage.export_average, stage.name
+    assert steps == history
+    assert [stage.config for stage in recipe.stages] == configs
+    assert recipe.stages[-4].export_drop == ["attribute_probe."] and recipe.vae_steps == shipped["vae"]["steps"]
+
+
+def test_the_shipped_recipe_rehearsed_end_to_end_builds_the_shipped_architecture(tmp_path: Path) -> None:
+    """``train-embedded --rehearse`` runs every stage of the shipped recipe for a few steps: each stage starts from the
+    last one's export, and the result has the shipped model's config (but its own VAE scale) and exactly its weights."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "emb"
+    small = ["--set", "data.batch_size=2", "--set", "train.num_workers=0"]
+    assert main(["train-embedded", "--out", str(out), "--rehearse", "--threads", "1", *small]) == 0
+    report = json.loads((out / "model" / "training_report.json").read_text())
+    names = [stage["name"] for stage in report["stages"]]
+    assert names == [stage["name"] for stage in report["recipe"]["stages"]] and len(names) == 11
+    assert report["vae"]["steps"] == 3
+    folders = [out / "stages" / f"{number:02d}_{name}" / "model" for number, name in enumerate(names, 1)]
+    assert [stage["from"] for stage in report["stages"]] == [str(out / "init"), *map(str, folders[:-1])]
+    ours = json.loads((out / "model" / "config.json").read_text())
+    shipped = json.loads((root / "comfy_mm_interleaved" / "embedded" / "config.json").read_text())
+    ours["image_decoder"]["vae"]["scaling_factor"] = shipped["image_decoder"]["vae"]["scaling_factor"]
+    assert ours == shipped
+
+    def weight_names(folder: Path) -> set[str]:
+        return set(json.loads((folder / "weights_index.json").read_text())["weight_map"])
+
+    assert weight_names(out / "model") == weight_names(root / "comfy_mm_interleaved" / "embedded")

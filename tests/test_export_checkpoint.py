@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from comfy_mm_interleaved.checkpoint import from_pretrained, read_config, save_pretrained
 from comfy_mm_interleaved.cli import main
 from comfy_mm_interleaved.models.mm_interleaved import MMInterleaved
 from comfy_mm_interleaved.tokenizer import build_word_tokenizer
-from comfy_mm_interleaved.train.checkpointing import list_checkpoints
+from comfy_mm_interleaved.train.checkpointing import MANIFEST, file_digest, list_checkpoints
 from comfy_mm_interleaved.train.config import TrainConfig
+from comfy_mm_interleaved.train.export import export_checkpoint
 from comfy_mm_interleaved.train.loop import train
 from test_train_helpers import WORDS, build, story_corpus, tiny_config
 
@@ -64,6 +65,35 @@ def test_export_averages_checkpoints_and_applies_overrides(run, tmp_path: Path) 
     report = json.loads((out / "export.json").read_text())
     assert [c["step"] for c in report["checkpoints"]] == [2, 3]
     assert report["overrides"] == ["image_context_layer=1"] and report["base"] == str(base)
+
+
+def test_export_with_an_override_that_adds_weights_keeps_their_initialisation(run, tmp_path: Path) -> None:
+    base, checkpoints = run
+    out = tmp_path / "gated"
+    arguments = [str(checkpoints[-1]), "--base", str(base), "--out", str(out), "--set", "image_context_embeddings=true"]
+    assert main(["export-checkpoint", *arguments]) == 0
+    model = from_pretrained(out)
+    assert model.config.image_context_embeddings
+    assert torch.equal(model.context_embed_gate, torch.zeros_like(model.context_embed_gate))  # the same function
+    trained = load_file(str(checkpoints[-1] / "model.safetensors"))
+    for name, tensor in model.state_dict().items():
+        if name != "context_embed_gate":
+            assert torch.equal(tensor, trained[name]), name
+    assert json.loads((out / "export.json").read_text())["initialised"] == ["context_embed_gate"]
+    # a weight of the base model itself is never made up: a checkpoint that lacks one is refused
+    partial = tmp_path / "partial"
+    shutil.copytree(checkpoints[-1], partial)
+    weights = load_file(str(partial / "model.safetensors"))
+    del weights["soi_token"]
+    save_file(weights, str(partial / "model.safetensors"))
+    manifest = json.loads((partial / MANIFEST).read_text())
+    manifest["files"]["model.safetensors"] = {
+        "size": (partial / "model.safetensors").stat().st_size,
+        "sha256": file_digest(partial / "model.safetensors"),
+    }
+    (partial / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"1 missing keys \(e.g. \['soi_token'\]\)"):
+        export_checkpoint([partial], base, tmp_path / "x", ["image_context_embeddings=true"])
 
 
 def test_export_errors_are_clear(run, tmp_path: Path, capsys) -> None:

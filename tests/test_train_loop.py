@@ -197,6 +197,20 @@ def test_training_starts_from_a_model_folder_in_our_format(corpus, reference, tm
     assert losses(tmp_path / "out") == {s: reference[s] for s in (1, 2)}  # the same weights as the factory's
 
 
+def test_stop_at_cuts_the_schedule_and_a_resume_finishes_it(corpus, reference, tmp_path) -> None:
+    out = tmp_path / "out"
+    cut = TrainConfig.load(write_config(tmp_path / "c.yaml", config_dict(out, corpus, stop_at=3)))
+    result = train(cut, model=build())
+    assert result.step == 3 and not result.stopped_by_signal
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [3, 2]  # the stop step is saved
+    assert losses(out) == {s: reference[s] for s in (1, 2, 3)}  # the 6-step schedule's learning rates
+    whole = TrainConfig.load(write_config(tmp_path / "c.yaml", config_dict(out, corpus)))
+    assert train(whole, model=build()).step == 6
+    assert losses(out) == reference
+    with pytest.raises(ValueError, match="train.stop_at must be between 1 and train.max_steps"):
+        Trainer(TrainConfig.load(write_config(tmp_path / "c.yaml", config_dict(out, corpus, stop_at=7))), model=build())
+
+
 @pytest.fixture()
 def fresh_accelerate_state():
     """accelerate keeps one process-wide state whose precision cannot change: start and leave this test clean."""

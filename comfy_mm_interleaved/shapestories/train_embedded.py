@@ -1,15 +1,17 @@
-"""Training the embedded default model from scratch: one command, three stages, all resumable.
+"""Training the embedded default model from scratch: one command, every stage in order, all resumable.
 
-``python -m comfy_mm_interleaved train-embedded --out output/embedded``:
+``python -m comfy_mm_interleaved train-embedded --out output/embedded`` runs the recipe
+``configs/train/embedded_recipe.yaml`` (:mod:`.recipe`):
 
 1. **vae**: a fresh model of :func:`.embedded.embedded_config` (seeded); its ``AutoencoderKL`` is trained alone on
    ShapeStories renders (:mod:`..train.autoencoder`), its ``scaling_factor`` set from the latent statistics, and
    the whole model saved with the tokenizer as ``OUT/init`` (skipped when that folder exists);
-2. **train**: the project's training loop (:mod:`..train.loop`) on the in-process ``shapestories`` source with
-   ``configs/train/embedded_shapestories.yaml``, ``model.init_from=OUT/init``, checkpoints in ``OUT/run`` (resumes
-   from the latest valid one; ``--minutes`` stops it cleanly with a checkpoint after that much training time);
-3. **export**: the latest checkpoint's weights as a model folder (config, safetensors, tokenizer) in ``--export``
-   (default ``OUT/model``), plus ``training_report.json`` and loss-curve PNGs.
+2. **the recipe's stages**, in order: the project's training loop (:mod:`..train.loop`) with the stage's config and
+   overrides, from the previous stage's model folder (the first: ``OUT/init``), checkpoints in
+   ``OUT/stages/NN_name/run`` (resumed from the newest valid one; SIGTERM saves one and stops the command), then
+   ``export-checkpoint`` of its newest checkpoints into ``OUT/stages/NN_name/model`` (skipped once that exists);
+3. **export**: the last stage's model folder as ``--export`` (default ``OUT/model``), plus ``training_report.json``
+   (command, invocations, git revision, machine, every stage's steps, losses and wall time) and loss curves as PNG.
 
 Evaluate the result with ``python -m comfy_mm_interleaved eval shapes --model OUT/model``.
 """
@@ -31,12 +33,12 @@ import torch
 from ..eval import git_revision
 from .embedded import build_embedded_tokenizer, embedded_config
 from .generate import random_attributes
+from .recipe import DEFAULT_RECIPE, Recipe
 from .render import render_array
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-TRAIN_CONFIG = REPO_ROOT / "configs" / "train" / "embedded_shapestories.yaml"
 REPORT_FILE = "training_report.json"
 COMMANDS_FILE = "commands.txt"
+STAGE_FILE = "stage.json"  # a finished stage's summary, in its model folder
 
 
 def image_batches(batch_size: int, size: int, seed: int) -> Iterator[torch.Tensor]:
@@ -112,26 +114,6 @@ def stage_vae(out: Path, vae_steps: int, seed: int, batch_size: int = 16) -> Pat
     return init
 
 
-def stage_train(out: Path, init: Path, overrides: list[str]) -> Path:
-    """Stage 2: the training loop from ``init``; checkpoints in ``OUT/run/checkpoints`` (resumes automatically)."""
-    from ..train.config import TrainConfig
-    from ..train.loop import train
-
-    cfg = TrainConfig.load(
-        TRAIN_CONFIG,
-        [
-            f"model.init_from={init}",
-            f"model.tokenizer={init / 'tokenizer'}",
-            f"train.output_dir={out / 'run'}",
-            *overrides,
-        ],
-    )
-    start = time.perf_counter()
-    result = train(cfg)
-    print(f"[train] stopped at step {result.step} after {time.perf_counter() - start:.0f}s", flush=True)
-    return out / "run"
-
-
 def read_metrics(csv_path: Path) -> dict[str, list[tuple[int, float]]]:
     """``metrics.csv`` (step, time, tag, value rows) -> tag -> [(step, value)]."""
     import csv
@@ -148,42 +130,123 @@ def read_metrics(csv_path: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def stage_export(
+class StageStopped(Exception):
+    """A stage's training was stopped by a signal (its checkpoint is saved): the same command resumes it."""
+
+
+def newest_checkpoints(checkpoints: Path, step: int, count: int) -> list[Path]:
+    """The ``count`` newest valid checkpoints up to ``step``, newest first (a clear error when there are fewer)."""
+    from ..train.checkpointing import list_checkpoints, verify_checkpoint
+
+    found = [f for s, f in list_checkpoints(checkpoints) if s <= step and verify_checkpoint(f, False) is None]
+    if len(found) < count:
+        raise FileNotFoundError(
+            f"{checkpoints}: {len(found)} valid checkpoints up to step {step}, the stage exports the mean of {count}; "
+            "keep more (train.keep_last) or save more often (train.save_every), or lower export_average"
+        )
+    return found[:count]
+
+
+def rehearse(cfg, export_average: int) -> None:  # noqa: ANN001
+    """Shorten a stage to a few steps, checkpointing every step, keeping a cut schedule cut (``--rehearse``)."""
+    t = cfg.train
+    steps = max(2, export_average)
+    t.max_steps, t.stop_at = (steps + 1, steps) if t.stop_at is not None else (steps, None)
+    t.save_every, t.keep_last = 1, max(t.keep_last, export_average)
+
+
+def run_stage(
+    recipe: Recipe,
+    index: int,
     out: Path,
     init: Path,
-    export: Path,
-    command: str,
-    wall_seconds: dict[str, float],
-    checkpoint: Path | None = None,
-    average: int = 1,
+    overrides: list[str],
+    timings: dict[str, float],
+    rehearsal: bool = False,
 ) -> Path:
-    """Stage 3: the newest valid checkpoint (or ``checkpoint``) as a model folder + tokenizer + training report and
-    loss curves. ``average`` > 1: the mean of the weights of that many newest valid checkpoints (up to
-    ``checkpoint``), a cheap stand-in for an exponential moving average of the weights."""
-    from ..checkpoint import build_empty_model, read_config
-    from ..train.checkpointing import latest_valid_checkpoint, list_checkpoints, read_trainer_state, verify_checkpoint
+    """Train stage ``index`` from the model folder ``init`` (resuming from its newest checkpoint) and export it as
+    ``OUT/stages/NN_name/model`` with a ``stage.json`` summary; a stage whose model folder exists is skipped.
+    ``rehearsal``: only a few steps (:func:`rehearse`)."""
+    from ..train.checkpointing import read_trainer_state
+    from ..train.config import TrainConfig
     from ..train.export import export_checkpoint
+    from ..train.loop import train
+
+    stage, folder = recipe.stages[index], recipe.folder(out, index)
+    model = folder / "model"
+    if (model / "config.json").is_file():
+        print(f"[{stage.name}] {model} exists; skipping the stage", flush=True)
+        return model
+    cfg = TrainConfig.load(
+        stage.config_path(),
+        [
+            f"model.init_from={init}",
+            f"model.tokenizer={init / 'tokenizer'}",
+            f"train.output_dir={folder / 'run'}",
+            *stage.set,
+            *overrides,
+        ],
+    )
+    if rehearsal:
+        rehearse(cfg, stage.export_average)
+    print(f"[{stage.name}] stage {index + 1} of {len(recipe.stages)}: {stage.config} from {init}", flush=True)
+    start = time.perf_counter()
+    try:
+        result = train(cfg)
+    finally:
+        timings[stage.name] = timings.get(stage.name, 0.0) + time.perf_counter() - start
+        (out / "wall_seconds.json").write_text(json.dumps(timings))
+    if result.stopped_by_signal:
+        raise StageStopped(f"[{stage.name}] stopped at step {result.step} with a checkpoint; run the command again")
+    sources = newest_checkpoints(folder / "run" / "checkpoints", result.step, stage.export_average)
+    tmp = model.with_name(model.name + ".tmp")
+    export_checkpoint(sources, init, tmp, stage.export_set, overwrite=True, drop=stage.export_drop)
+    series = read_metrics(folder / "run" / "metrics.csv")
+    summary = {
+        "name": stage.name,
+        "config": stage.config,
+        "overrides": [*stage.set, *overrides],
+        "from": str(init),
+        "steps": result.step,
+        "averaged_checkpoints": [read_trainer_state(f)["step"] for f in sources],
+        "export_set": stage.export_set,
+        "export_drop": stage.export_drop,
+        "final_losses": {tag: v[-1][1] for tag, v in series.items() if tag.startswith("loss") and v},
+        "note": stage.note,
+    }
+    (tmp / STAGE_FILE).write_text(json.dumps(summary, indent=1))
+    tmp.rename(model)
+    print(f"[{stage.name}] step {result.step} -> {model}", flush=True)
+    return model
+
+
+def stage_export(recipe: Recipe, out: Path, export: Path, command: str, timings: dict[str, float]) -> Path:
+    """The last stage's model folder as ``export``, plus ``training_report.json`` (every stage) and loss curves over
+    all stages (steps counted from the first stage's start)."""
+    from ..checkpoint import build_empty_model, read_config
     from .plot import line_chart
 
-    run = out / "run"
-    checkpoint = checkpoint or latest_valid_checkpoint(run / "checkpoints")
-    if checkpoint is None:
-        raise FileNotFoundError(f"no valid checkpoint under {run / 'checkpoints'}; run the train stage first")
-    step = read_trainer_state(checkpoint)["step"]  # export_checkpoint checks each checkpoint's files
-    sources = [checkpoint]
-    if average > 1:
-        older = [f for s, f in list_checkpoints(checkpoint.parent) if s < step and verify_checkpoint(f, False) is None]
-        sources += older[: average - 1]
-        if len(sources) < average:
-            raise FileNotFoundError(f"--average {average}: only {len(sources)} valid checkpoints up to step {step}")
+    stages, series, offset = [], {}, 0
+    for index, stage in enumerate(recipe.stages):
+        folder = recipe.folder(out, index)
+        if not (folder / "model" / STAGE_FILE).is_file():
+            raise FileNotFoundError(f"stage {stage.name!r} is not finished ({folder / 'model'} is missing): run it")
+        summary = json.loads((folder / "model" / STAGE_FILE).read_text())
+        summary["wall_seconds"] = timings.get(stage.name)
+        stages.append(summary)
+        for tag, values in read_metrics(folder / "run" / "metrics.csv").items():
+            series.setdefault(tag, []).extend((offset + s, v) for s, v in values if s <= summary["steps"])
+        offset += summary["steps"]
+    last = recipe.folder(out, len(recipe.stages) - 1) / "model"
     tmp = export.with_name(export.name + ".tmp")
-    export_checkpoint(sources, init, tmp, overwrite=True)  # weights (averaged), config, tokenizer
-    series = {  # the rows up to the exported step (a later checkpoint may have logged more)
-        tag: [(s, v) for s, v in values if s <= step] for tag, values in read_metrics(run / "metrics.csv").items()
-    }
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(last, tmp)
+    (tmp / STAGE_FILE).unlink()
     for tag, name in (("loss_txt", "loss_text.png"), ("loss_img", "loss_image.png"), ("loss", "loss_total.png")):
         if series.get(tag):
-            line_chart(series[tag], f"{tag}: training batches (grey: logged values, blue: moving average)", tmp / name)
+            title = f"{tag}: training batches, all stages (grey: logged, blue: moving average)"
+            line_chart(series[tag], title, tmp / name)
+    init = out / "init"
     vae_report = json.loads((init / "vae_training.json").read_text())
     history = out / COMMANDS_FILE
     report = {
@@ -192,34 +255,51 @@ def stage_export(
         "git_revision": git_revision(),  # {"commit", "modified"} of the code that exported
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "steps": step,
-        "checkpoint": str(checkpoint),
-        "averaged_checkpoints": [read_trainer_state(f)["step"] for f in sources],
-        "train_config": str(TRAIN_CONFIG.relative_to(REPO_ROOT)),
-        "wall_seconds": wall_seconds,
+        "recipe": recipe_source(recipe),
+        "steps": offset,
+        "stages": stages,
+        "wall_seconds": {"vae": vae_report["seconds"], **{s["name"]: s["wall_seconds"] for s in stages}},
         "vae": {k: v for k, v in vae_report.items() if k != "log"},
-        "final_losses": {tag: values[-1][1] for tag, values in series.items() if tag.startswith("loss") and values},
+        "final_losses": stages[-1]["final_losses"],
         "parameters": sum(p.numel() for p in build_empty_model(read_config(tmp)[0]).parameters()),
     }
     (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1))
     if export.exists():
         shutil.rmtree(export)
     tmp.rename(export)
-    print(f"[export] step {step} -> {export}", flush=True)
+    print(f"[export] {len(stages)} stages, {offset} steps -> {export}", flush=True)
     return export
+
+
+def recipe_source(recipe: Recipe) -> dict[str, Any]:
+    return {
+        "vae_steps": recipe.vae_steps,
+        "vae_batch_size": recipe.vae_batch_size,
+        "seed": recipe.seed,
+        "stages": [stage.__dict__ for stage in recipe.stages],
+    }
 
 
 def add_arguments(parser) -> None:  # noqa: ANN001
     parser.add_argument("--out", type=Path, default=Path("output/embedded"), help="working folder (resumable)")
     parser.add_argument("--export", type=Path, default=None, help="model folder to write (default OUT/model)")
-    parser.add_argument("--vae-steps", type=int, default=1200, help="VAE training steps (default 1200)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the VAE data")
-    parser.add_argument("--stage", choices=("all", "vae", "train", "export"), default="all")
     parser.add_argument(
-        "--checkpoint", type=Path, default=None, help="export this checkpoint folder (default: the newest valid one)"
+        "--recipe", type=Path, default=DEFAULT_RECIPE, help="stages to run (default configs/train/embedded_recipe.yaml)"
     )
+    parser.add_argument("--vae-steps", type=int, default=None, help="VAE training steps (default: the recipe's)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the initial weights and the VAE data")
     parser.add_argument(
-        "--average", type=int, default=1, help="export the mean weights of the N newest checkpoints (default 1)"
+        "--stage",
+        choices=("all", "vae", "export"),
+        default="all",
+        help="all (default): every stage, then the export; vae: only the VAE stage; export: only the final export",
+    )
+    parser.add_argument("--until", default=None, help="stop after this stage (vae or a recipe stage's name)")
+    parser.add_argument(
+        "--rehearse",
+        action="store_true",
+        help="check the whole recipe in minutes: 3 VAE steps (unless --vae-steps) and a few steps per stage; add "
+        "--set data.batch_size=2 --set train.num_workers=0 on a small machine",
     )
     parser.add_argument(
         "--threads", type=int, default=None, help="CPU threads of torch (default: $MMI_NUM_THREADS, else torch's)"
@@ -229,17 +309,25 @@ def add_arguments(parser) -> None:  # noqa: ANN001
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="training-config override, e.g. --set train.max_steps=1800 (repeatable)",
+        help="training-config override for every stage, e.g. --set train.num_workers=0 (repeatable)",
     )
 
 
 def run(args, argv: list[str] | None = None) -> int:  # noqa: ANN001
-    """Run the chosen stages; each stage's wall time is added up in ``OUT/wall_seconds.json`` (across resumes)."""
+    """Run the VAE stage and the recipe's stages in order (each resumes or is skipped when done), then export; the
+    wall time of each stage is added up in ``OUT/wall_seconds.json`` across resumes."""
     import logging
     import os
     import shlex
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    recipe = Recipe.load(args.recipe)
+    if args.vae_steps is not None or args.rehearse:
+        recipe.vae_steps = args.vae_steps or 3
+    if args.seed is not None:
+        recipe.seed = args.seed
+    if args.until is not None and args.until not in ("vae", *recipe.names()):
+        raise ValueError(f"--until {args.until!r} is not a stage of {args.recipe}: vae, {', '.join(recipe.names())}")
     threads = args.threads if args.threads is not None else int(os.environ.get("MMI_NUM_THREADS", "0"))
     if threads:
         torch.set_num_threads(threads)
@@ -249,19 +337,21 @@ def run(args, argv: list[str] | None = None) -> int:  # noqa: ANN001
         history.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {command}\n")
     timings_path = args.out / "wall_seconds.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
-    init = args.out / "init"
-    for stage in ("vae", "train", "export"):
-        if args.stage not in ("all", stage):
-            continue
-        start = time.perf_counter()
-        if stage == "vae":
-            stage_vae(args.out, args.vae_steps, args.seed)
-        elif stage == "train":
-            stage_train(args.out, init, args.set)
-        else:
-            export = args.export or args.out / "model"
-            stage_export(args.out, init, export, command, timings, args.checkpoint, args.average)
-            continue
-        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
-        timings_path.write_text(json.dumps(timings))
+    export = args.export or args.out / "model"
+    if args.stage == "export":
+        stage_export(recipe, args.out, export, command, timings)
+        return 0
+    model = stage_vae(args.out, recipe.vae_steps, recipe.seed, recipe.vae_batch_size)
+    if args.stage == "vae" or args.until == "vae":
+        return 0
+    try:
+        for index, stage in enumerate(recipe.stages):
+            model = run_stage(recipe, index, args.out, model, args.set, timings, args.rehearse)
+            if stage.name == args.until:
+                print(f"[{stage.name}] --until {stage.name}: its model is {model}", flush=True)
+                return 0
+    except StageStopped as stopped:
+        print(stopped, flush=True)
+        return 0
+    stage_export(recipe, args.out, export, command, timings)
     return 0

@@ -55,7 +55,8 @@ class OptimSection:
 @dataclass
 class TrainSection:
     output_dir: str = "output/train"
-    max_steps: int = 15000
+    max_steps: int = 15000  # the length of the learning-rate schedule (and of the run, unless stop_at is set)
+    stop_at: int | None = None  # stop (with a checkpoint) at this step, earlier than max_steps: a cut schedule
     grad_accum: int = 1
     mixed_precision: str = "no"  # "no", "bf16", "fp16" (an accelerate config may set it too)
     seed: int = 32

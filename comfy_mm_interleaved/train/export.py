@@ -63,8 +63,10 @@ def export_checkpoint(
     drop: Sequence[str] = (),
 ) -> Path:
     """Write the model folder ``out``: ``base``'s config (with ``overrides``, ``key=value``) and tokenizer, and the
-    mean of the weights of ``checkpoints`` (every key of the model must be in them). Keys starting with one of
-    ``drop`` (training-only heads such as ``attribute_probe.``) are left out; each prefix must match a key."""
+    mean of the weights of ``checkpoints`` (every key of ``base``'s model must be in them). Keys starting with one of
+    ``drop`` (training-only heads such as ``attribute_probe.``) are left out; each prefix must match a key. Weights
+    that only the overrides add (e.g. ``image_context_embeddings=true`` adds ``context_embed_gate``) keep the
+    model's own initialisation and are listed in the folder's ``export.json`` as ``initialised``."""
     from ..checkpoint import read_config, save_pretrained
     from ..config import MMInterleavedConfig
     from ..eval import git_revision
@@ -78,12 +80,17 @@ def export_checkpoint(
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it or choose another --out")
     files = [checkpoint_weights(Path(c)) for c in checkpoints]
-    config, _ = read_config(base)
-    raw = config.to_dict()
+    base_config, _ = read_config(base)
+    raw = base_config.to_dict()
     for item in overrides:
         apply_override(raw, item)
     config = MMInterleavedConfig.from_dict(raw)
     model = MMInterleaved(config)
+    added: list[str] = []
+    if overrides:
+        with torch.device("meta"):
+            base_keys = set(MMInterleaved(base_config).state_dict())
+        added = sorted(set(model.state_dict()) - base_keys)
     state = averaged_weights(files)
     for prefix in drop:
         dropped = [name for name in state if name.startswith(prefix)]
@@ -92,7 +99,8 @@ def export_checkpoint(
         for name in dropped:
             del state[name]
     expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(state) - set(added))
+    unexpected = sorted(set(state) - set(expected))
     resized = [
         f"{n} {tuple(state[n].shape)} vs {expected[n]}"
         for n in expected
@@ -104,7 +112,8 @@ def export_checkpoint(
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(resized)} of another shape "
             f"(e.g. {resized[:2]}); export with the model folder the run started from"
         )
-    model.load_state_dict(state, strict=True)
+    initialised = sorted(set(added) - set(state))
+    model.load_state_dict(state, strict=not initialised)
     save_pretrained(model, out, overwrite=overwrite)
     if (base / "tokenizer").is_dir():
         shutil.copytree(base / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
@@ -113,6 +122,7 @@ def export_checkpoint(
         "dropped": list(drop),
         "checkpoints": [{"path": str(c), "step": read_trainer_state(Path(c))["step"]} for c in checkpoints],
         "overrides": list(overrides),
+        "initialised": initialised,
         "git_revision": git_revision(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }

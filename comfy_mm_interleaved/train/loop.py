@@ -209,6 +209,11 @@ class Trainer:
 
         self.cfg = cfg
         t = cfg.train
+        if t.stop_at is not None and not 1 <= t.stop_at <= t.max_steps:
+            raise ValueError(
+                f"train.stop_at must be between 1 and train.max_steps ({t.max_steps}), got {t.stop_at}; leave it unset "
+                "to train the whole schedule"
+            )
         self.accelerator = Accelerator(
             mixed_precision=None if t.mixed_precision == "no" else t.mixed_precision,
             gradient_accumulation_steps=t.grad_accum,
@@ -319,19 +324,20 @@ class Trainer:
     # -----------------------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         acc, t = self.accelerator, self.cfg.train
+        last_step = t.max_steps if t.stop_at is None else min(t.stop_at, t.max_steps)
         stop = StopSignal()
         batches = self.batches()
         progress = None
         if t.progress_bar and acc.is_local_main_process:
             from tqdm.auto import tqdm
 
-            progress = tqdm(total=t.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+            progress = tqdm(total=last_step, initial=self.step, desc="train", dynamic_ncols=True)
         skipped: dict[str, int] = {}
         window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
         stopped = False
         self.model.train()
         try:
-            while self.step < t.max_steps:
+            while self.step < last_step:
                 terms = []
                 for _ in range(t.grad_accum):
                     kwargs, extra = move_batch(next(batches), acc.device)
@@ -359,7 +365,7 @@ class Trainer:
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{scalars['loss']:.4f}")
-                if self.step % t.log_every == 0 or self.step == t.max_steps:
+                if self.step % t.log_every == 0 or self.step == last_step:
                     elapsed = time.perf_counter() - window_start
                     scalars.update(self.throughput(window_samples, window_tokens, elapsed))
                     scalars.update(self.skip_scalars(skipped))
@@ -371,7 +377,7 @@ class Trainer:
                     self.save_checkpoint()
                     stopped = True
                     break
-                if t.save_every > 0 and (self.step % t.save_every == 0 or self.step == t.max_steps):
+                if t.save_every > 0 and (self.step % t.save_every == 0 or self.step == last_step):
                     self.save_checkpoint()
         finally:
             stop.restore()
