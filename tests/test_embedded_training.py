@@ -253,6 +253,11 @@ def test_train_embedded_runs_the_recipe_stage_by_stage_and_resumes(tmp_path: Pat
     gated_model = from_pretrained(stages / "02_gated" / "model")
     assert gated_model.config.image_context_embeddings and not gated_model.context_embed_gate.any()
     finished = {name: (stages / name / "model" / "stage.json").stat().st_mtime_ns for name in ("01_first", "02_gated")}
+    capsys.readouterr()
+    assert main([*args, "--stage", "status"]) == 0
+    status = capsys.readouterr().out.splitlines()
+    assert status[0] == "vae: done" and status[1].startswith("first: done, 2 steps, ")
+    assert status[3] == "probed: not started (2 steps)"
 
     # a stage stopped by a signal keeps its checkpoint and stops the command; the next call resumes it
     real_train = loop.train
@@ -265,6 +270,8 @@ def test_train_embedded_runs_the_recipe_stage_by_stage_and_resumes(tmp_path: Pat
     assert "[probed] stopped at step 2 with a checkpoint; run the command again" in capsys.readouterr().out
     assert (stages / "03_probed" / "run" / "checkpoints" / "step_00000002").is_dir()
     assert not (stages / "03_probed" / "model").exists() and not (out / "model").exists()
+    assert main([*args, "--stage", "status"]) == 0
+    assert "probed: at step 2 of 2, " in capsys.readouterr().out
     monkeypatch.setattr(loop, "train", real_train)
     assert main(args) == 0
     assert "[first]" in (log := capsys.readouterr().out) and "exists; skipping the stage" in log

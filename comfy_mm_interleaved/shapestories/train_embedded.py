@@ -271,6 +271,30 @@ def stage_export(recipe: Recipe, out: Path, export: Path, command: str, timings:
     return export
 
 
+def stage_status(recipe: Recipe, out: Path, overrides: list[str], timings: dict[str, float]) -> list[str]:
+    """One line a stage: done (with its steps), stopped at a checkpoint (step k of n), or not started."""
+    from ..train.checkpointing import latest_valid_checkpoint, read_trainer_state
+    from ..train.config import TrainConfig
+
+    lines = [f"vae: {'done' if (out / 'init' / 'config.json').is_file() else 'not started'}"]
+    for index, stage in enumerate(recipe.stages):
+        folder = recipe.folder(out, index)
+        spent = f", {timings[stage.name]:.0f} s so far" if stage.name in timings else ""
+        if (folder / "model" / STAGE_FILE).is_file():
+            steps = json.loads((folder / "model" / STAGE_FILE).read_text())["steps"]
+            lines.append(f"{stage.name}: done, {steps} steps{spent} ({folder / 'model'})")
+            continue
+        train = TrainConfig.load(stage.config_path(), [*stage.set, *overrides]).train
+        target = train.stop_at or train.max_steps
+        checkpoint = latest_valid_checkpoint(folder / "run" / "checkpoints", check_hashes=False)
+        if checkpoint is None:
+            lines.append(f"{stage.name}: not started ({target} steps)")
+        else:
+            step = read_trainer_state(checkpoint)["step"]
+            lines.append(f"{stage.name}: at step {step} of {target}{spent} (resumes from {checkpoint})")
+    return lines
+
+
 def recipe_source(recipe: Recipe) -> dict[str, Any]:
     return {
         "vae_steps": recipe.vae_steps,
@@ -290,9 +314,10 @@ def add_arguments(parser) -> None:  # noqa: ANN001
     parser.add_argument("--seed", type=int, default=None, help="seed of the initial weights and the VAE data")
     parser.add_argument(
         "--stage",
-        choices=("all", "vae", "export"),
+        choices=("all", "vae", "export", "status"),
         default="all",
-        help="all (default): every stage, then the export; vae: only the VAE stage; export: only the final export",
+        help="all (default): every stage, then the export; vae: only the VAE stage; export: only the final export; "
+        "status: print where each stage stands and change nothing",
     )
     parser.add_argument("--until", default=None, help="stop after this stage (vae or a recipe stage's name)")
     parser.add_argument(
@@ -332,6 +357,11 @@ def run(args, argv: list[str] | None = None) -> int:  # noqa: ANN001
     if threads:
         torch.set_num_threads(threads)
     command = "python -m comfy_mm_interleaved train-embedded " + shlex.join(argv if argv is not None else sys.argv[2:])
+    if args.stage == "status":
+        timings_path = args.out / "wall_seconds.json"
+        timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+        print("\n".join(stage_status(recipe, args.out, args.set, timings)), flush=True)
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / COMMANDS_FILE, "a", encoding="utf-8") as history:  # every invocation, for the report
         history.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {command}\n")
