@@ -327,7 +327,7 @@ def test_recipe_errors_are_clear(tmp_path: Path, capsys) -> None:
 
 
 def test_the_shipped_recipe_is_the_shipped_model_s_history() -> None:
-    """Every stage of configs/train/embedded_recipe.yaml loads as a training config, can export what it saves, and
+    """Every stage of configs/recipes/embedded.yaml loads as a training config, can export what it saves, and
     the stages are the shipped model's: the main run, then its continuations, with their steps."""
     from comfy_mm_interleaved.shapestories.recipe import DEFAULT_RECIPE, Recipe
     from comfy_mm_interleaved.train.config import TrainConfig

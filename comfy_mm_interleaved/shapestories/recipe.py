@@ -1,5 +1,5 @@
 """The embedded model's training recipe: a VAE stage, then training stages run in order, each from the last one's
-export (``configs/train/embedded_recipe.yaml``; run by ``train-embedded``, :mod:`.train_embedded`)."""
+export (``configs/recipes/embedded.yaml``; run by ``train-embedded``, :mod:`.train_embedded`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_RECIPE = REPO_ROOT / "configs" / "train" / "embedded_recipe.yaml"
+DEFAULT_RECIPE = REPO_ROOT / "configs" / "recipes" / "embedded.yaml"
 STAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 RESERVED_NAMES = ("all", "vae", "export")  # the other values of train-embedded --stage / --until
 

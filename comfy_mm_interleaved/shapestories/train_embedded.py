@@ -1,7 +1,7 @@
 """Training the embedded default model from scratch: one command, every stage in order, all resumable.
 
 ``python -m comfy_mm_interleaved train-embedded --out output/embedded`` runs the recipe
-``configs/train/embedded_recipe.yaml`` (:mod:`.recipe`):
+``configs/recipes/embedded.yaml`` (:mod:`.recipe`):
 
 1. **vae**: a fresh model of :func:`.embedded.embedded_config` (seeded); its ``AutoencoderKL`` is trained alone on
    ShapeStories renders (:mod:`..train.autoencoder`), its ``scaling_factor`` set from the latent statistics, and
@@ -308,7 +308,7 @@ def add_arguments(parser) -> None:  # noqa: ANN001
     parser.add_argument("--out", type=Path, default=Path("output/embedded"), help="working folder (resumable)")
     parser.add_argument("--export", type=Path, default=None, help="model folder to write (default OUT/model)")
     parser.add_argument(
-        "--recipe", type=Path, default=DEFAULT_RECIPE, help="stages to run (default configs/train/embedded_recipe.yaml)"
+        "--recipe", type=Path, default=DEFAULT_RECIPE, help="stages to run (default configs/recipes/embedded.yaml)"
     )
     parser.add_argument("--vae-steps", type=int, default=None, help="VAE training steps (default: the recipe's)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the initial weights and the VAE data")
