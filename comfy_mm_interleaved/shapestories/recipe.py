@@ -12,7 +12,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RECIPE = REPO_ROOT / "configs" / "recipes" / "embedded.yaml"
 STAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9_]*$")
-RESERVED_NAMES = ("all", "vae", "export")  # the other values of train-embedded --stage / --until
+RESERVED_NAMES = ("all", "vae", "export", "status")  # what train-embedded --stage / --until take besides stages
 
 
 @dataclass

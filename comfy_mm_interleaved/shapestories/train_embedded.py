@@ -18,6 +18,7 @@ Evaluate the result with ``python -m comfy_mm_interleaved eval shapes --model OU
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import shutil
@@ -38,7 +39,8 @@ from .render import render_array
 
 REPORT_FILE = "training_report.json"
 COMMANDS_FILE = "commands.txt"
-STAGE_FILE = "stage.json"  # a finished stage's summary, in its model folder
+STAGE_FILE = "stage.json"  # a finished stage's summary, in its model folder (written before the folder's rename)
+WALL_FILE = "wall_seconds.json"  # each stage's training time, added up across resumes
 
 
 def image_batches(batch_size: int, size: int, seed: int) -> Iterator[torch.Tensor]:
@@ -130,6 +132,12 @@ def read_metrics(csv_path: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
+def finished_summary(folder: Path) -> dict[str, Any] | None:
+    """The ``stage.json`` of the stage in ``folder`` (``OUT/stages/NN_name``), or None while it is not finished."""
+    path = folder / "model" / STAGE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 class StageStopped(Exception):
     """A stage's training was stopped by a signal (its checkpoint is saved): the same command resumes it."""
 
@@ -174,7 +182,7 @@ def run_stage(
 
     stage, folder = recipe.stages[index], recipe.folder(out, index)
     model = folder / "model"
-    if (model / "config.json").is_file():
+    if finished_summary(folder) is not None:
         print(f"[{stage.name}] {model} exists; skipping the stage", flush=True)
         return model
     cfg = TrainConfig.load(
@@ -195,7 +203,7 @@ def run_stage(
         result = train(cfg)
     finally:
         timings[stage.name] = timings.get(stage.name, 0.0) + time.perf_counter() - start
-        (out / "wall_seconds.json").write_text(json.dumps(timings))
+        (out / WALL_FILE).write_text(json.dumps(timings))
     if result.stopped_by_signal:
         raise StageStopped(f"[{stage.name}] stopped at step {result.step} with a checkpoint; run the command again")
     sources = newest_checkpoints(folder / "run" / "checkpoints", result.step, stage.export_average)
@@ -229,9 +237,9 @@ def stage_export(recipe: Recipe, out: Path, export: Path, command: str, timings:
     stages, series, offset = [], {}, 0
     for index, stage in enumerate(recipe.stages):
         folder = recipe.folder(out, index)
-        if not (folder / "model" / STAGE_FILE).is_file():
+        summary = finished_summary(folder)
+        if summary is None:
             raise FileNotFoundError(f"stage {stage.name!r} is not finished ({folder / 'model'} is missing): run it")
-        summary = json.loads((folder / "model" / STAGE_FILE).read_text())
         summary["wall_seconds"] = timings.get(stage.name)
         stages.append(summary)
         for tag, values in read_metrics(folder / "run" / "metrics.csv").items():
@@ -255,7 +263,7 @@ def stage_export(recipe: Recipe, out: Path, export: Path, command: str, timings:
         "git_revision": git_revision(),  # {"commit", "modified"} of the code that exported
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "recipe": recipe_source(recipe),
+        "recipe": dataclasses.asdict(recipe),
         "steps": offset,
         "stages": stages,
         "wall_seconds": {"vae": vae_report["seconds"], **{s["name"]: s["wall_seconds"] for s in stages}},
@@ -280,12 +288,11 @@ def stage_status(recipe: Recipe, out: Path, overrides: list[str], timings: dict[
     for index, stage in enumerate(recipe.stages):
         folder = recipe.folder(out, index)
         spent = f", {timings[stage.name]:.0f} s so far" if stage.name in timings else ""
-        if (folder / "model" / STAGE_FILE).is_file():
-            steps = json.loads((folder / "model" / STAGE_FILE).read_text())["steps"]
-            lines.append(f"{stage.name}: done, {steps} steps{spent} ({folder / 'model'})")
+        summary = finished_summary(folder)
+        if summary is not None:
+            lines.append(f"{stage.name}: done, {summary['steps']} steps{spent} ({folder / 'model'})")
             continue
-        train = TrainConfig.load(stage.config_path(), [*stage.set, *overrides]).train
-        target = train.stop_at or train.max_steps
+        target = TrainConfig.load(stage.config_path(), [*stage.set, *overrides]).train.last_step
         checkpoint = latest_valid_checkpoint(folder / "run" / "checkpoints", check_hashes=False)
         if checkpoint is None:
             lines.append(f"{stage.name}: not started ({target} steps)")
@@ -293,15 +300,6 @@ def stage_status(recipe: Recipe, out: Path, overrides: list[str], timings: dict[
             step = read_trainer_state(checkpoint)["step"]
             lines.append(f"{stage.name}: at step {step} of {target}{spent} (resumes from {checkpoint})")
     return lines
-
-
-def recipe_source(recipe: Recipe) -> dict[str, Any]:
-    return {
-        "vae_steps": recipe.vae_steps,
-        "vae_batch_size": recipe.vae_batch_size,
-        "seed": recipe.seed,
-        "stages": [stage.__dict__ for stage in recipe.stages],
-    }
 
 
 def add_arguments(parser) -> None:  # noqa: ANN001
@@ -357,16 +355,14 @@ def run(args, argv: list[str] | None = None) -> int:  # noqa: ANN001
     if threads:
         torch.set_num_threads(threads)
     command = "python -m comfy_mm_interleaved train-embedded " + shlex.join(argv if argv is not None else sys.argv[2:])
+    timings_path = args.out / WALL_FILE
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     if args.stage == "status":
-        timings_path = args.out / "wall_seconds.json"
-        timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
         print("\n".join(stage_status(recipe, args.out, args.set, timings)), flush=True)
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / COMMANDS_FILE, "a", encoding="utf-8") as history:  # every invocation, for the report
         history.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {command}\n")
-    timings_path = args.out / "wall_seconds.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     export = args.export or args.out / "model"
     if args.stage == "export":
         stage_export(recipe, args.out, export, command, timings)

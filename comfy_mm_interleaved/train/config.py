@@ -77,6 +77,11 @@ class TrainSection:
     # decoder without decoder images), so DDP must look for unused ones; False saves a graph walk per step
     find_unused_parameters: bool = True
 
+    @property
+    def last_step(self) -> int:
+        """The step the run ends at: ``stop_at`` when set, else ``max_steps``."""
+        return self.max_steps if self.stop_at is None else self.stop_at
+
 
 @dataclass
 class EvalSection:

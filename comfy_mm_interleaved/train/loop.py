@@ -324,7 +324,7 @@ class Trainer:
     # -----------------------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         acc, t = self.accelerator, self.cfg.train
-        last_step = t.max_steps if t.stop_at is None else min(t.stop_at, t.max_steps)
+        last_step = t.last_step
         stop = StopSignal()
         batches = self.batches()
         progress = None
