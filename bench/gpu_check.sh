@@ -12,6 +12,10 @@
 #            (bench/kernel.py --check-only; the bf16 check is part of the bench stage)
 #   bench    bench/kernel.py in bf16, with Deformable-DETR's op (fp32) when it built; table last
 #   tune     BLOCK_Q x num_warps sweep of the plain Triton kernels at the LLM-side shape
+#   split    the forward's locality options (levels per program x query blocks per program, msda_forward's
+#            group_levels / q_iters) at the LLM-side shapes, bf16, each checked against the plain forward first
+# STAGES (comma-separated, default "env,tests,checks,bench,tune") picks the stages, e.g. the forward-locality session:
+#   STAGES=env,tests,split bash bench/gpu_check.sh      (about 4 minutes; detr is built only for the bench stage)
 # Logs (and kernel_bench.json) go to $OUT when it is set, else to $TMPDIR/mmi_gpu_check. The project needs no
 # install: PYTHONPATH=$PWD and comfy_mm_interleaved/__init__.py exposes kernels/ as comfy_mm_interleaved.kernels.
 set -u
@@ -29,6 +33,8 @@ LOG="${OUT:-${TMPDIR:-/tmp}/mmi_gpu_check}"
 mkdir -p "$LOG"
 DETR_BUILD="${TMPDIR:-/tmp}/mmi_detr_ops_build"
 SUMMARY=()
+STAGES="${STAGES:-env,tests,checks,bench,tune}"
+want() { [[ ",$STAGES," == *",$1,"* ]]; }
 
 SCRIPT_START=$(date +%s)
 BUDGET="${GPU_CHECK_BUDGET:-560}"  # seconds for all stages, so the summary prints inside a 600 s device command
@@ -52,7 +58,7 @@ run_stage() {  # run_stage NAME SECONDS COMMAND...: log to $LOG/<NAME up to a "-
     [ $rc -ne 0 ] && verdict="FAILED (rc=$rc$([ $rc -eq 124 ] && echo ', timed out'))"
     SUMMARY+=("$(printf '%-15s %-36s %4ss' "$name" "$verdict" "$(($(date +%s) - start))")")
 }
-rm -f "$LOG"/{env,detr,tests,checks,bench,tune}.log "$LOG/summary.txt"
+rm -f "$LOG"/{env,detr,tests,checks,bench,tune,split}.log "$LOG/summary.txt"
 
 if [ $DRY -eq 1 ]; then
     DEVICE_ARGS=(--device cpu --scale 0.002 --warmup 0 --repeats 1 --no-detr)
@@ -88,33 +94,49 @@ EOF
 
 export -f env_check
 export PY
-run_stage env 30 bash -c env_check
+want env && run_stage env 30 bash -c env_check
 
-if [ $DRY -eq 0 ]; then  # overlaps the nvcc build with the tests
+if [ $DRY -eq 0 ] && want bench; then  # overlaps the nvcc build with the tests
     timeout 300 "$PY" bench/kernel.py --device cuda --build-detr-only --detr-build-dir "$DETR_BUILD" \
         >"$LOG/detr.log" 2>&1 &
     DETR_PID=$!
 fi
 
-run_stage tests 170 env MMI_TEST_DEVICE=$TEST_DEVICE "$PY" -m pytest -q -ra -p no:cacheprovider "${TESTS[@]}" \
+want tests && run_stage tests 170 env MMI_TEST_DEVICE=$TEST_DEVICE "$PY" -m pytest -q -ra -p no:cacheprovider "${TESTS[@]}" \
     --deselect tests/test_ops_msda.py::test_ops_compiled_gather_opt_in --durations=8
 # fp32 (and on a GPU fp16) checks of every implementation at the realistic shapes, without timing
-run_stage checks-float32 100 "$PY" bench/kernel.py "${DEVICE_ARGS[@]}" --check-only --dtype float32 --no-detr \
+want checks && run_stage checks-float32 100 "$PY" bench/kernel.py "${DEVICE_ARGS[@]}" --check-only --dtype float32 --no-detr \
     --json "${TMPDIR:-/tmp}/mmi_check_float32.json"
-if [ $DRY -eq 0 ]; then  # (grid_sample has no fp16 CPU kernel)
+if [ $DRY -eq 0 ] && want checks; then  # (grid_sample has no fp16 CPU kernel)
     run_stage checks-float16 70 "$PY" bench/kernel.py "${DEVICE_ARGS[@]}" --check-only --dtype float16 \
         --no-detr --no-mmfs --json "${TMPDIR:-/tmp}/mmi_check_float16.json"
 fi
 
 BENCH_DETR=(--detr-build-dir "$DETR_BUILD")
-if [ $DRY -eq 0 ]; then
+if [ $DRY -eq 0 ] && want bench; then
     wait "$DETR_PID"
     detr_rc=$?
     echo "Deformable-DETR op build rc=$detr_rc: $(tail -n 1 "$LOG/detr.log")"
     [ $detr_rc -ne 0 ] && BENCH_DETR=(--no-detr)  # do not retry a failed build inside the timed stage
 fi
-run_stage bench 180 "$PY" bench/kernel.py "${DEVICE_ARGS[@]}" "${BENCH_DETR[@]}" --json "$LOG/kernel_bench.json"
-[ $DRY -eq 0 ] && run_stage tune 80 "$PY" bench/kernel.py --device cuda --tune-only --no-detr
+want bench && run_stage bench 180 "$PY" bench/kernel.py "${DEVICE_ARGS[@]}" "${BENCH_DETR[@]}" \
+    --json "$LOG/kernel_bench.json"
+[ $DRY -eq 0 ] && want tune && run_stage tune 80 "$PY" bench/kernel.py --device cuda --tune-only --no-detr
+if want split; then
+    SPLITS="${SPLITS:-0x1,3x1,3x2,3x4,6x1,6x2,0x2,0x4,24x1}"
+    SPLIT_GRID="${SPLIT_GRID:-8x2,4x4}"
+    SPLIT_ARGS=(--device cuda)
+    SPLIT_SHAPES=(llm_mmfs llm_mmfs_causal)
+    if [ $DRY -eq 1 ]; then  # one configuration at a toy size: the interpreter takes about 10 s per call
+        SPLITS=3x2 SPLIT_GRID=4x4 SPLIT_ARGS=(--device cpu --scale 0.002 --repeats 1 --warmup 0)
+        SPLIT_SHAPES=(llm_mmfs_causal)
+    fi
+    for shape in "${SPLIT_SHAPES[@]}"; do
+        run_stage "split-$shape" 90 env TRITON_INTERPRET=$DRY "$PY" bench/kernel.py "${SPLIT_ARGS[@]}" --tune-only \
+            --no-detr --tune-no-backward --tune-shape "$shape" --tune-grid "$SPLIT_GRID" --tune-split "$SPLITS" \
+            --json "$LOG/kernel_split_$shape.json"
+    done
+fi
 
 {
     echo
@@ -122,6 +144,7 @@ run_stage bench 180 "$PY" bench/kernel.py "${DEVICE_ARGS[@]}" "${BENCH_DETR[@]}"
     printf '%s\n' "${SUMMARY[@]}"
     echo
     [ -f "$LOG/tune.log" ] && grep -A16 "sweep" "$LOG/tune.log"
+    [ -f "$LOG/split.log" ] && grep -A24 "sweep" "$LOG/split.log"
     if grep -q '^SUMMARY$' "$LOG/bench.log" 2>/dev/null; then
         sed -n '/^SUMMARY$/,$p' "$LOG/bench.log"
     else

@@ -13,12 +13,15 @@ at the LLM-side shape: the unfused path (plan tensors + op) against the fused Tr
     python bench/kernel.py --device cpu --scale 0.02        # 2-core CPU box
     python bench/kernel.py --device cuda --json $OUT/kernel_bench.json
     python bench/kernel.py --device cuda --tune-only        # BLOCK_Q x num_warps sweep of the Triton kernels
+    python bench/kernel.py --device cuda --tune-only --tune-no-backward --tune-grid "" --tune-split 0x1,3x1,3x2,3x4
+                                                            # the forward's locality options (levels, query blocks)
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -320,16 +323,26 @@ def gather_bound_ms(case: MSDACase, l1_bytes_per_s: float = 33e12) -> float:
 
 
 def tune_triton(args, device: torch.device, dtype: torch.dtype) -> Iterator[dict]:
-    """Sweep (BLOCK_Q, num_warps) of the plain kernels at the LLM shape, the forward with and without the metadata
-    prefetch; the defaults come from launch_config."""
-    from comfy_mm_interleaved.kernels.msda import FORWARD_PREFETCH, launch_config, msda_backward, msda_forward
+    """Sweep (BLOCK_Q, num_warps) of the plain kernels at ``--tune-shape``, the forward with and without the metadata
+    prefetch; or (``--tune-split``) the forward's locality options instead, each checked
+    against the plain forward first, at every ``--tune-grid`` configuration (the default one when the grid is empty);
+    the defaults come from launch_config and the ``MMI_MSDA_*`` variables."""
+    from comfy_mm_interleaved.kernels.msda import (
+        FORWARD_GROUP_LEVELS,
+        FORWARD_PREFETCH,
+        FORWARD_Q_ITERS,
+        launch_config,
+        msda_backward,
+        msda_forward,
+    )
 
-    case = scaled_case("llm_mmfs", args.scale, dtype, device)
-    time_it = timer(device, 2, max(5, args.repeats // 2))
+    case = scaled_case(args.tune_shape, args.scale, dtype, device)
+    on_gpu = device.type == "cuda"  # (a CPU sweep runs the interpreter: as few calls as asked)
+    time_it = timer(device, 2, max(5, args.repeats // 2)) if on_gpu else timer(device, args.warmup, args.repeats)
     lq, points, d = case.sampling_locations.shape[1], case.sampling_locations.shape[4], case.value.shape[3]
     default = launch_config(lq, points, d, value_bytes=case.value.element_size())
-    grid = [tuple(int(v) for v in item.split("x")) for item in args.tune_grid.split(",")]
-    for block_q, warps in grid:
+    grid = [tuple(int(v) for v in item.split("x")) for item in args.tune_grid.split(",") if item]
+    for block_q, warps in [] if args.tune_split else grid:  # --tune-split replaces the plain sweep
         for prefetch in (False, True):
             entry = {"block_q": block_q, "num_warps": warps, "prefetch": prefetch,
                      "default": (block_q, warps, prefetch) == (default[0], default[3], FORWARD_PREFETCH)}  # fmt: skip
@@ -344,6 +357,24 @@ def tune_triton(args, device: torch.device, dtype: torch.dtype) -> Iterator[dict
             except Exception as error:
                 entry["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
             yield entry
+    if not args.tune_split:
+        return
+    expected = msda_forward(*case.args(), group_levels=0, q_iters=1).float()
+    splits = [tuple(int(v) for v in item.split("x")) for item in args.tune_split.split(",")]
+    for (block_q, warps), (group_levels, q_iters) in itertools.product(grid or [(default[0], default[3])], splits):
+        entry = {"block_q": block_q, "num_warps": warps, "prefetch": FORWARD_PREFETCH,
+                 "group_levels": group_levels or None, "q_iters": q_iters,
+                 "default": (block_q, warps, group_levels or None, q_iters)
+                 == (default[0], default[3], FORWARD_GROUP_LEVELS, FORWARD_Q_ITERS)}  # fmt: skip
+        try:
+            options = {"group_levels": group_levels, "q_iters": q_iters, "block_q": block_q, "num_warps": warps}
+            entry["rel_l2"] = relative_l2(msda_forward(*case.args(), **options).float(), expected)
+            if entry["rel_l2"] > CHECK_BOUND[case.value.dtype]:
+                raise RuntimeError(f"differs from the default forward (relL2 {entry['rel_l2']:.1e})")
+            entry["fwd_ms"] = time_it(lambda: msda_forward(*case.args(), **options))  # noqa: B023
+        except Exception as error:
+            entry["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
+        yield entry
 
 
 def fmt(x: float | None, digits: int = 3) -> str:
@@ -392,6 +423,13 @@ def main() -> None:
     parser.add_argument("--tune-only", action="store_true", help="GPU: only sweep BLOCK_Q and num_warps of the kernels")
     parser.add_argument("--tune-grid", default="2x4,4x2,4x4,8x2,8x4,16x4", help="BLOCK_QxWARPS list for --tune-only")
     parser.add_argument("--tune-no-backward", action="store_true", help="--tune-only: time the forward only")
+    parser.add_argument("--tune-shape", default="llm_mmfs", choices=sorted(SHAPES), help="--tune-only: the case")
+    parser.add_argument(
+        "--tune-split",
+        default="",
+        help="--tune-only: also time the forward's locality options, a list of GROUP_LEVELSxQ_ITERS "
+        "(0 = all levels in one program), e.g. 0x1,3x1,3x2,3x4,6x2 (msda_forward's group_levels, q_iters)",
+    )
     parser.add_argument("--json", default=None, help="write all results here (default $OUT/kernel_bench.json)")
     args = parser.parse_args()
 
@@ -433,20 +471,25 @@ def main() -> None:
     if args.tune_only:
         if not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":
             raise SystemExit("--tune-only needs a GPU (or TRITON_INTERPRET=1 and a small --scale, to try it on a CPU)")
-        bound = gather_bound_ms(scaled_case("llm_mmfs", args.scale, dtype, device))
-        print(f"Triton plain-kernel sweep at llm_mmfs, {dtype} values (ms, median): BLOCK_Q x num_warps, prefetch -> "
-              f"forward / backward; gather bound {bound:.3f} ms at 33 TB/s")  # fmt: skip
+        bound = gather_bound_ms(scaled_case(args.tune_shape, args.scale, dtype, device))
+        print(f"Triton plain-kernel sweep at {args.tune_shape}, {dtype} values (ms, median): BLOCK_Q x num_warps, "
+              f"prefetch [, levels per program x query blocks per program] -> forward / backward; gather bound "
+              f"{bound:.3f} ms at 33 TB/s")  # fmt: skip
         entries = []
         for entry in tune_triton(args, device, dtype):
             entries.append(entry)
             mark = " (default)" if entry["default"] else ""
-            print(f"  {entry['block_q']:>2} x {entry['num_warps']} prefetch {int(entry['prefetch'])}: "
+            split = ""
+            if "q_iters" in entry:
+                split = f", {entry['group_levels'] or 'all'} x {entry['q_iters']}"
+            print(f"  {entry['block_q']:>2} x {entry['num_warps']} prefetch {int(entry['prefetch'])}{split}: "
                   f"{fmt(entry.get('fwd_ms'))} / {fmt(entry.get('bwd_ms'))}{mark} {entry.get('error', '')}",
                   flush=True)  # fmt: skip
         timed = [e for e in entries if e.get("fwd_ms")]
         if timed:
             best = min(timed, key=lambda e: e["fwd_ms"])
-            print(f"best forward: {best['block_q']} x {best['num_warps']} prefetch {int(best['prefetch'])} "
+            split = f", {best['group_levels'] or 'all'} x {best['q_iters']}" if "q_iters" in best else ""
+            print(f"best forward: {best['block_q']} x {best['num_warps']} prefetch {int(best['prefetch'])}{split} "
                   f"{best['fwd_ms']:.3f} ms = {best['fwd_ms'] / bound:.2f}x the gather bound")  # fmt: skip
         out_path = args.json or (os.path.join(os.environ["OUT"], "kernel_tune.json") if os.environ.get("OUT") else None)
         if out_path:

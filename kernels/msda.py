@@ -155,57 +155,67 @@ def _level_metadata(attn_ptr, loc_ptr, offs, ok, CDT: tl.constexpr):
 @triton.jit
 def msda_forward_kernel(
     value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
-    S, Lq, M, L, P, D,
+    S, Lq, M, L, P, D, N_GROUPS, GROUP_LEVELS, GROUP_STRIDE,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, CDT: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, Q_ITERS: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     head = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
+    pid_z = tl.program_id(2)
+    batch = (pid_z // N_GROUPS).to(tl.int64)
+    group = pid_z % N_GROUPS
+    # this program's levels (all of them unless the (image x level) axis is split over programs, see msda_forward)
+    level_begin = group * GROUP_LEVELS
+    level_end = tl.minimum(level_begin + GROUP_LEVELS, L)
     R: tl.constexpr = BLOCK_Q * BLOCK_P
     r = tl.arange(0, R)
-    query = pid_q * BLOCK_Q + r // BLOCK_P
     point = r % BLOCK_P
-    row_ok = (query < Lq) & (point < P)
     d_offs = tl.arange(0, BLOCK_D)
     d_ok = d_offs < D
     stride_pix = M * D
     v_ptr = value_ptr + batch * S * stride_pix + head * D
-    meta = ((batch * Lq + query) * M + head) * L * P + point  # [R] offset of (n, q, m, level 0, p)
+    group_out_ptr = out_ptr + group.to(tl.int64) * GROUP_STRIDE
+    for q_iter in range(Q_ITERS):  # consecutive query blocks of one program sample the same value slice
+        q_first = (pid_q * Q_ITERS + q_iter) * BLOCK_Q
+        query = q_first + r // BLOCK_P
+        row_ok = (query < Lq) & (point < P)
+        meta = ((batch * Lq + query) * M + head) * L * P + point  # [R] offset of (n, q, m, level 0, p)
 
-    acc = tl.zeros([R, BLOCK_D], dtype=CDT)
-    if PREFETCH:
-        # the next level's weights and locations are in flight while this level's corners are gathered, so a
-        # program never waits for its metadata and its gathers one after the other
-        weight, x, y = _level_metadata(attn_ptr, loc_ptr, meta, row_ok, CDT)
-        for level in range(L):
-            height, width, start = _level_table(shapes_ptr, starts_ptr, level)
-            next_weight, next_x, next_y = _level_metadata(
-                attn_ptr, loc_ptr, meta + (level + 1) * P, row_ok & (level + 1 < L), CDT
-            )
-            if tl.max(tl.abs(weight), axis=0) > 0:  # exact skip: taps with weight 0 add exactly 0
-                acc += sample_level(
-                    v_ptr, x, y, weight, height, width, start, stride_pix, d_offs, d_ok, row_ok & (weight != 0.0), CDT
+        acc = tl.zeros([R, BLOCK_D], dtype=CDT)
+        if PREFETCH:
+            # the next level's weights and locations are in flight while this level's corners are gathered, so a
+            # program never waits for its metadata and its gathers one after the other
+            weight, x, y = _level_metadata(attn_ptr, loc_ptr, meta + level_begin * P, row_ok, CDT)
+            for level in range(level_begin, level_end):
+                height, width, start = _level_table(shapes_ptr, starts_ptr, level)
+                next_weight, next_x, next_y = _level_metadata(
+                    attn_ptr, loc_ptr, meta + (level + 1) * P, row_ok & (level + 1 < level_end), CDT
                 )
-            weight = next_weight
-            x = next_x
-            y = next_y
-    else:
-        for level in range(L):
-            height, width, start = _level_table(shapes_ptr, starts_ptr, level)
-            offs = meta + level * P
-            weight = tl.load(attn_ptr + offs, mask=row_ok, other=0.0).to(CDT)
-            if tl.max(tl.abs(weight), axis=0) > 0:  # exact skip: taps with weight 0 add exactly 0
-                x = tl.load(loc_ptr + 2 * offs, mask=row_ok, other=0.0).to(CDT)
-                y = tl.load(loc_ptr + 2 * offs + 1, mask=row_ok, other=0.0).to(CDT)
-                acc += sample_level(
-                    v_ptr, x, y, weight, height, width, start, stride_pix, d_offs, d_ok, row_ok & (weight != 0.0), CDT
-                )
-    out = tl.sum(tl.reshape(acc, (BLOCK_Q, BLOCK_P, BLOCK_D)), axis=1)
-    q_out = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    out_offs = ((batch * Lq + q_out) * M + head) * D
-    out_mask = (q_out < Lq)[:, None] & d_ok[None, :]
-    tl.store(out_ptr + out_offs[:, None] + d_offs[None, :], out.to(out_ptr.dtype.element_ty), mask=out_mask)
+                if tl.max(tl.abs(weight), axis=0) > 0:  # exact skip: taps with weight 0 add exactly 0
+                    acc += sample_level(
+                        v_ptr, x, y, weight, height, width, start, stride_pix, d_offs, d_ok, row_ok & (weight != 0.0),
+                        CDT,
+                    )
+                weight = next_weight
+                x = next_x
+                y = next_y
+        else:
+            for level in range(level_begin, level_end):
+                height, width, start = _level_table(shapes_ptr, starts_ptr, level)
+                offs = meta + level * P
+                weight = tl.load(attn_ptr + offs, mask=row_ok, other=0.0).to(CDT)
+                if tl.max(tl.abs(weight), axis=0) > 0:  # exact skip: taps with weight 0 add exactly 0
+                    x = tl.load(loc_ptr + 2 * offs, mask=row_ok, other=0.0).to(CDT)
+                    y = tl.load(loc_ptr + 2 * offs + 1, mask=row_ok, other=0.0).to(CDT)
+                    acc += sample_level(
+                        v_ptr, x, y, weight, height, width, start, stride_pix, d_offs, d_ok, row_ok & (weight != 0.0),
+                        CDT,
+                    )
+        out = tl.sum(tl.reshape(acc, (BLOCK_Q, BLOCK_P, BLOCK_D)), axis=1)
+        q_out = q_first + tl.arange(0, BLOCK_Q)
+        out_offs = ((batch * Lq + q_out) * M + head) * D
+        out_mask = (q_out < Lq)[:, None] & d_ok[None, :]
+        tl.store(group_out_ptr + out_offs[:, None] + d_offs[None, :], out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -259,6 +269,21 @@ def msda_backward_kernel(
 FORWARD_PREFETCH = os.environ.get("MMI_MSDA_PREFETCH", "1") == "1"
 
 
+def _positive_int_from_env(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit():
+        raise ValueError(f"{name}={raw!r} must be a whole number >= 0; unset it for the default ({default})")
+    return int(raw)
+
+
+# The forward's locality options (msda_forward's group_levels and q_iters), not yet measured on a GPU, so off by
+# default: MMI_MSDA_GROUP_LEVELS=3 gives each program one image's three levels, MMI_MSDA_Q_ITERS=2 two query blocks.
+FORWARD_GROUP_LEVELS = _positive_int_from_env("MMI_MSDA_GROUP_LEVELS", 0) or None
+FORWARD_Q_ITERS = max(1, _positive_int_from_env("MMI_MSDA_Q_ITERS", 1))
+
+
 def compute_tl_dtype(dtype: torch.dtype):
     """Triton compute dtype for a torch compute dtype (float32 or float64)."""
     return tl.float64 if dtype == torch.float64 else tl.float32
@@ -307,25 +332,44 @@ def msda_forward(
     block_q: int | None = None,
     num_warps: int | None = None,
     prefetch: bool | None = None,
+    group_levels: int | None = None,
+    q_iters: int | None = None,
 ) -> torch.Tensor:
     """Launch the forward kernel on validated, contiguous inputs (locations/weights in the compute dtype).
 
     ``prefetch`` (default :data:`FORWARD_PREFETCH`) reads each level's metadata one level ahead.
+
+    Locality options (for the GPU sweep, ``bench/kernel.py --tune-only --tune-split``; the defaults keep one program
+    per query block over all levels): ``group_levels`` splits the (image x level) axis into groups of that many
+    levels, one program per group (e.g. the 3 levels of one image, so that the programs running together sample
+    one image's pyramid), whose partial sums, kept in the compute dtype, are added in a fixed order (deterministic);
+    ``q_iters`` makes each program handle that many consecutive query blocks in turn. ``None`` takes the defaults
+    :data:`FORWARD_GROUP_LEVELS` and :data:`FORWARD_Q_ITERS`; ``group_levels=0`` means all levels in one program.
     """
     n, s, m, d = value.shape
     _, lq, _, n_levels, n_points, _ = sampling_locations.shape
     out = value.new_empty(n, lq, m * d)
     if out.numel() == 0:
         return out.zero_()
+    group_levels = FORWARD_GROUP_LEVELS if group_levels is None else group_levels
+    q_iters = FORWARD_Q_ITERS if q_iters is None else q_iters
+    if q_iters < 1 or (group_levels is not None and group_levels < 0):
+        raise ValueError(f"msda_forward: q_iters ({q_iters}) must be >= 1 and group_levels ({group_levels}) >= 0")
+    group_levels = min(group_levels or n_levels, max(n_levels, 1))
+    n_groups = triton.cdiv(n_levels, group_levels) if n_levels else 1
+    target = out if n_groups == 1 else torch.empty(n_groups, n, lq, m * d, dtype=sampling_locations.dtype,
+                                                   device=value.device)  # fmt: skip
     shapes, starts = _level_tables(spatial_shapes, level_start_index)
     bq, bp, bd, warps = launch_config(lq, n_points, d, block_q, num_warps, value_bytes=value.element_size())
-    grid = (triton.cdiv(lq, bq), m, n)
+    grid = (triton.cdiv(lq, bq * q_iters), m, n * n_groups)
     msda_forward_kernel[grid](
-        value, shapes, starts, sampling_locations, attention_weights, out,
-        s, lq, m, n_levels, n_points, d,
+        value, shapes, starts, sampling_locations, attention_weights, target,
+        s, lq, m, n_levels, n_points, d, n_groups, group_levels, n * lq * m * d,
         BLOCK_Q=bq, BLOCK_P=bp, BLOCK_D=bd, CDT=compute_tl_dtype(sampling_locations.dtype),
-        PREFETCH=FORWARD_PREFETCH if prefetch is None else prefetch, num_warps=warps,
+        PREFETCH=FORWARD_PREFETCH if prefetch is None else prefetch, Q_ITERS=q_iters, num_warps=warps,
     )  # fmt: skip
+    if n_groups > 1:
+        out.copy_(target.sum(0))  # the groups' partial sums, added in the compute dtype
     return out
 
 

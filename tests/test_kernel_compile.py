@@ -30,6 +30,7 @@ def compile_for_hopper() -> dict[str, list[str]]:
     from triton.compiler import compile as triton_compile
 
     constexprs = {"BLOCK_Q": 8, "BLOCK_P": 8, "BLOCK_D": 64, "CDT": tl.float32, "L_IMG": 3}
+    constexprs |= {"PREFETCH": True, "Q_ITERS": 2}  # the forward's metadata prefetch, two query blocks per program
     report = {}
     for module, name in ((msda, KERNELS[0]), (msda, KERNELS[1]), (mmfs, KERNELS[2]), (mmfs, KERNELS[3])):
         fn = getattr(module, name)

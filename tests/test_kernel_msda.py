@@ -143,9 +143,14 @@ def test_kernel_msda_parity(precision: str) -> None:
     assert_close(grad_loc.cpu()[kink], golden["f64.grad.sampling_locations"][kink], TOL, "grad.loc at kinks")
 
 
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_kernel_forward_prefetch_variants_agree(prefetch: bool) -> None:
-    """Both forward loops (metadata read per level, or one level ahead) give the reference and skip unseen images."""
+@pytest.mark.parametrize(
+    ("prefetch", "group_levels", "q_iters"),
+    [(False, None, 1), (True, 0, 1), (True, 2, 1), (False, 4, 3), (True, 4, 2), (True, 5, 1), (True, 9, 2)],
+)
+def test_kernel_forward_variants_agree(prefetch: bool, group_levels: int | None, q_iters: int) -> None:
+    """Every forward loop (metadata read per level or one level ahead; the (image x level) axis in one program or
+    split into groups of ``group_levels`` levels, also across image boundaries; one or several query blocks per
+    program) gives the reference and skips unseen images exactly."""
     from comfy_mm_interleaved.kernels.msda import msda_forward
 
     n_img, levels = 3, 2
@@ -153,8 +158,18 @@ def test_kernel_forward_prefetch_variants_agree(prefetch: bool) -> None:
     visible = causal_image_visibility(2, 7, n_img, DEVICE)
     visible[..., -1] = 0  # nobody sees the last image
     case = mask_invisible_images(case, visible, levels)
-    got = msda_forward(*case.args(), prefetch=prefetch)
-    assert_close(got, reference_with_grads(case)[0], TOL, f"output (prefetch={prefetch})")
+    options = {"prefetch": prefetch, "group_levels": group_levels, "q_iters": q_iters, "block_q": 2}
+    got = msda_forward(*case.args(), **options)
+    assert_close(got, reference_with_grads(case)[0], TOL, f"output ({options})")
     poisoned = case.value.clone()
     poisoned[:, int(case.level_start_index[-levels]) :] = float("nan")
-    assert torch.equal(msda_forward(poisoned, *case.args()[1:], prefetch=prefetch), got)
+    assert torch.equal(msda_forward(poisoned, *case.args()[1:], **options), got)
+
+
+def test_kernel_forward_rejects_bad_locality_options() -> None:
+    from comfy_mm_interleaved.kernels.msda import msda_forward
+
+    case = random_case(1, 3, 1, 4, [(2, 2)], 2, device=DEVICE, seed=1)
+    for options in ({"q_iters": 0}, {"group_levels": -1}):
+        with pytest.raises(ValueError, match=r"q_iters \(-?\d+\) must be >= 1 and group_levels"):
+            msda_forward(*case.args(), **options)
