@@ -121,9 +121,10 @@ def test_ops_triton_backend_needs_interpreter_on_cpu(monkeypatch) -> None:
 
 
 def test_ops_compiled_gather_opt_in(monkeypatch) -> None:
-    """``MMI_MSDA_COMPILE=1`` routes the CPU implementation through torch.compile (inductor) of the fallback."""
+    """``MMI_MSDA_COMPILE=1`` routes the CPU implementation through torch.compile (inductor) of the fallback, which
+    lays its taps out query-major (eager: level-major), so batch, head and level indexing are checked here too."""
     monkeypatch.setenv("MMI_MSDA_COMPILE", "1")
-    case = random_case(1, 3, 2, 4, [(3, 3), (1, 2)], 2, seed=12)
+    case = random_case(2, 3, 2, 5, [(3, 4), (2, 2), (1, 3)], 3, seed=12)
     got = run(case)
     for label, g, want in zip(("output", "grad_value", "grad_loc", "grad_attn"), got, reference_with_grads(case)):
         assert_close(g, want, 1e-5, label)

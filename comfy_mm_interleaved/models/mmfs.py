@@ -168,8 +168,10 @@ class MMFS(nn.Module):
         # locations: ref + offset * (s_l / base) / (W, H), offsets shared over levels
         normaliser = self.level_normaliser(spatial_shapes, compute_dtype)  # [n_img, L, 2]
         offsets = offsets.permute(0, 1, 3, 2, 4, 5)  # [N, Lq, H, n_img, P, 2]
-        loc = reference_points.to(compute_dtype)[:, :, 0][:, :, None, None, None, None, :] + (
-            offsets[:, :, :, :, None] / normaliser[None, None, None, :, :, None, :]
+        loc = torch.addcdiv(  # one pass, in the op's layout [N, Lq, H, n_img, L, P, 2] (unless a size is 1)
+            reference_points.to(compute_dtype)[:, :, 0][:, :, None, None, None, None, :],
+            offsets[:, :, :, :, None],
+            normaliser[None, None, None, :, :, None, :],
         )
         loc = loc.reshape(n, lq, heads, n_img * levels, points, 2).contiguous()
         return loc, weights, null_weight

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -32,34 +33,103 @@ import torch.nn.functional as F
 _DOT_CHUNK_ROWS = 8192
 
 
-class Taps(NamedTuple):
-    """The bilinear taps of every (query, head, level, point). Corners last, in the order (x0, y0), (x0 + 1, y0),
-    (x0, y0 + 1), (x0 + 1, y0 + 1), where (x0, y0) is the pixel at or left of / above the sampling point."""
+@dataclass(frozen=True)
+class TapLayout:
+    """Where the level and corner axes of the tap tensors lie.
 
-    rows: torch.Tensor  # [N, Lq, M, L, P, 4] rows of value.view(N*S*M, D) (int32 when they fit); 0 outside the map
-    inside: torch.Tensor  # [N, Lq, M, L, P, 4] bool, the corner lies on the map
-    fx: torch.Tensor  # [N, Lq, M, L, P] fractional pixel position, in [0, 1)
+    * eager (``level_first``): corner- and level-major, taps ``[4, L, N, Lq, M, P]`` and per-point tensors
+      ``[L, N, Lq, M, P]``, so that every elementwise step runs over long contiguous rows and the per-level tables
+      broadcast over leading axes (on the op's own layout, whose inner axes are small, eager PyTorch is about twice
+      as slow);
+    * under ``torch.compile``: the op's layout, taps ``[N, Lq, M, L, P, 4]`` and per-point ``[N, Lq, M, L, P]``,
+      which inductor fuses into loops that write the embedding-bag rows directly (the permuted layout would cost
+      it an extra strided copy).
+    """
+
+    level_first: bool
+
+    @property
+    def corner_dim(self) -> int:
+        return 0 if self.level_first else -1
+
+    def stack_corners(self, corners: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(corners, dim=self.corner_dim)
+
+    def corners(self, taps: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return taps.unbind(self.corner_dim)
+
+    def per_level(self, table: torch.Tensor) -> torch.Tensor:
+        """A per-level vector [L] -> broadcastable against the per-point tensors."""
+        return table.view(-1, 1, 1, 1, 1) if self.level_first else table.view(-1, 1)
+
+    def per_point(self, t: torch.Tensor) -> torch.Tensor:
+        """The op's [N, Lq, M, L, P, ...] -> the per-point layout (contiguous when level-first)."""
+        return level_major(t) if self.level_first else t
+
+    def per_tap(self, t: torch.Tensor) -> torch.Tensor:
+        """The op's [N, Lq, M, L, P] -> broadcastable against the taps."""
+        return level_major(t) if self.level_first else t[..., None]
+
+    def to_op_layout(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-point tensor (with trailing axes) -> the op's [N, Lq, M, L, P, ...], contiguous."""
+        return t.movedim(0, 3).contiguous() if self.level_first else t
+
+
+class Taps(NamedTuple):
+    """The bilinear taps of every (query, head, level, point, corner), laid out as ``layout`` says. Corners in the
+    order (x0, y0), (x0 + 1, y0), (x0, y0 + 1), (x0 + 1, y0 + 1), where (x0, y0) is the pixel at or left of /
+    above the sampling point."""
+
+    rows: torch.Tensor  # rows of value.view(N*S*M, D) (int32 when they fit); 0 outside the map
+    inside: torch.Tensor  # bool, the corner lies on the map
+    fx: torch.Tensor  # per point: fractional pixel position, in [0, 1)
     fy: torch.Tensor
+    layout: TapLayout
 
     def bilinear(self) -> torch.Tensor:
-        """[N, Lq, M, L, P, 4] bilinear weight of each corner, 0 outside the map."""
+        """Bilinear weight of each tap, 0 outside the map."""
         gx, gy = 1 - self.fx, 1 - self.fy
-        return torch.stack([gx * gy, self.fx * gy, gx * self.fy, self.fx * self.fy], dim=-1) * self.inside
+        return self.layout.stack_corners([gx * gy, self.fx * gy, gx * self.fy, self.fx * self.fy]) * self.inside
+
+    def bags(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-tap tensor -> [N * Lq * M, 4 * L * P]: one row (an embedding bag) per (query, head), its taps in
+        any order."""
+        if not self.layout.level_first:
+            return t.reshape(-1, t[0, 0, 0].numel())
+        corners, levels, n, lq, m, points = t.shape
+        return t.permute(2, 3, 4, 0, 1, 5).reshape(n * lq * m, corners * levels * points)
+
+    def bag_of_tap(self, tap: torch.Tensor) -> torch.Tensor:
+        """Flat indices into the taps -> the (query, head) bag of each."""
+        if not self.layout.level_first:
+            return tap // self.rows[0, 0, 0].numel()
+        points, bags = self.rows.shape[-1], self.rows[0, 0, ..., 0].numel()
+        return (tap // points) % bags
+
+
+def level_major(t: torch.Tensor) -> torch.Tensor:
+    """[N, Lq, M, L, P, ...] -> contiguous [L, N, Lq, M, P, ...]."""
+    return t.movedim(3, 0).contiguous()
 
 
 def bilinear_taps(
     value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, sampling_locations: torch.Tensor
 ) -> Taps:
     """value [N, S, M, D], spatial_shapes [L, 2] (H, W), level_start_index [L], sampling_locations
-    [N, Lq, M, L, P, 2] (x, y) -> the taps (pixel = loc * size - 0.5, zero padding)."""
+    [N, Lq, M, L, P, 2] (x, y) -> the taps (pixel = loc * size - 0.5, zero padding), level-first unless compiling."""
     n, s, m, _ = value.shape
-    n_levels = sampling_locations.shape[3]
     dtype = sampling_locations.dtype
     index = torch.int32 if n * s * m < 2**31 else torch.int64  # int32 rows sort twice as fast
-    heights = spatial_shapes[:, 0].view(n_levels, 1)  # [L, 1] broadcast against [N, Lq, M, L, P]
-    widths = spatial_shapes[:, 1].view(n_levels, 1)
-    x = sampling_locations[..., 0] * widths.to(dtype) - 0.5  # [N, Lq, M, L, P] pixel coordinates
-    y = sampling_locations[..., 1] * heights.to(dtype) - 0.5
+    layout = TapLayout(level_first=not torch.compiler.is_compiling())
+    loc = layout.per_point(sampling_locations)
+    if layout.level_first:
+        batch_shape, head_shape = (1, n, 1, 1, 1), (1, 1, 1, m, 1)
+    else:
+        batch_shape, head_shape = (n, 1, 1, 1, 1), (m, 1, 1)
+    heights = layout.per_level(spatial_shapes[:, 0].to(index))
+    widths = layout.per_level(spatial_shapes[:, 1].to(index))
+    x = loc[..., 0] * widths.to(dtype) - 0.5  # pixel coordinates
+    y = loc[..., 1] * heights.to(dtype) - 0.5
     x0, y0 = x.floor(), y.floor()
     fx, fy = x - x0, y - y0
     # far-out points: clamping keeps both corners outside and the integer conversion small (NaN stays outside)
@@ -67,13 +137,15 @@ def bilinear_taps(
     iy = y0.clamp(min=-2).minimum(heights.to(dtype)).to(index)
     in_x0, in_x1 = (ix >= 0) & (ix < widths), (ix >= -1) & (ix < widths - 1)
     in_y0, in_y1 = (iy >= 0) & (iy < heights), (iy >= -1) & (iy < heights - 1)
-    inside = torch.stack([in_x0 & in_y0, in_x1 & in_y0, in_x0 & in_y1, in_x1 & in_y1], dim=-1)
-    batch = torch.arange(n, device=value.device, dtype=index).view(n, 1, 1, 1, 1)
-    head = torch.arange(m, device=value.device, dtype=index).view(1, 1, m, 1, 1)
-    top_left = (batch * s + level_start_index.view(n_levels, 1) + iy * widths + ix) * m + head
-    corner_offset = torch.stack([torch.zeros_like(widths), torch.ones_like(widths), widths, widths + 1], dim=-1) * m
-    rows = torch.where(inside, top_left[..., None] + corner_offset.to(index), 0)  # [N, Lq, M, L, P, 4]
-    return Taps(rows, inside, fx, fy)
+    inside = layout.stack_corners([in_x0 & in_y0, in_x1 & in_y0, in_x0 & in_y1, in_x1 & in_y1])
+    batch = torch.arange(n, device=value.device, dtype=index).view(batch_shape)
+    head = torch.arange(m, device=value.device, dtype=index).view(head_shape)
+    top_left = (batch * s + layout.per_level(level_start_index.to(index)) + iy * widths + ix) * m + head
+    if not layout.level_first:
+        top_left = top_left[..., None]
+    corner_offset = layout.stack_corners([torch.zeros_like(widths), torch.ones_like(widths), widths, widths + 1]) * m
+    rows = torch.where(inside, top_left + corner_offset, 0)  # row 0 outside the map
+    return Taps(rows, inside, fx, fy, layout)
 
 
 def ms_deform_attn_gather(
@@ -91,14 +163,8 @@ def ms_deform_attn_gather(
     n, _, m, d = value.shape
     lq = sampling_locations.shape[1]
     taps = bilinear_taps(value, spatial_shapes, level_start_index, sampling_locations)
-    weights = attention_weights[..., None] * taps.bilinear()
-    per_query = weights[0, 0, 0].numel()  # L * P * 4 taps per (query, head)
-    out = F.embedding_bag(
-        taps.rows.reshape(-1, per_query),
-        value.reshape(-1, d),
-        per_sample_weights=weights.reshape(-1, per_query),
-        mode="sum",
-    )
+    weights = taps.layout.per_tap(attention_weights) * taps.bilinear()
+    out = F.embedding_bag(taps.bags(taps.rows), value.reshape(-1, d), per_sample_weights=taps.bags(weights), mode="sum")
     return out.view(n, lq, m * d)
 
 
@@ -133,13 +199,12 @@ def ms_deform_attn_gather_backward(
     """Gradients (value, sampling_locations, attention_weights) of :func:`ms_deform_attn_gather`."""
     n, s, m, d = value.shape
     taps = bilinear_taps(value, spatial_shapes, level_start_index, sampling_locations)
-    per_query = taps.rows[0, 0, 0].numel()
     table = value.reshape(-1, d)  # [N*S*M, D]
     grad = grad_output.reshape(-1, d)  # [N*Lq*M, D], one row per (query, head) bag
-    weights = attention_weights[..., None] * taps.bilinear()  # [N, Lq, M, L, P, 4]
+    weights = taps.layout.per_tap(attention_weights) * taps.bilinear()
     # the transposed gather: taps sorted by row, one embedding_bag whose bags are the rows of value
     sorted_rows, order = taps.rows.reshape(-1).sort()
-    bags = order // per_query  # the (query, head) of each sorted tap
+    bags = taps.bag_of_tap(order)  # the (query, head) of each sorted tap
     counts = torch.zeros(n * s * m, dtype=torch.long, device=value.device)
     counts.index_add_(0, sorted_rows, torch.ones_like(order))
     offsets = counts.cumsum(0) - counts  # where each row's taps start in the sorted order
@@ -147,14 +212,16 @@ def ms_deform_attn_gather_backward(
 
     dots_sorted = tap_dots(table, sorted_rows, grad, bags)
     dots = torch.empty_like(dots_sorted).scatter_(0, order, dots_sorted).view_as(weights)
-    d00, d10, d01, d11 = (dots * taps.inside).unbind(-1)  # d out / d (bilinear weight) per corner
+    d00, d10, d01, d11 = taps.layout.corners(dots * taps.inside)  # d out / d (bilinear weight) per corner
     fx, fy = taps.fx, taps.fy
     grad_attn = (d00 * (1 - fx) + d10 * fx) * (1 - fy) + (d01 * (1 - fx) + d11 * fx) * fy
     # chain rule through the bilinear weights; pixel x = loc_x * W - 0.5 (floor has zero derivative)
-    grad_x = ((d10 - d00) * (1 - fy) + (d11 - d01) * fy) * spatial_shapes[:, 1].view(-1, 1).to(fx.dtype)
-    grad_y = ((d01 - d00) * (1 - fx) + (d11 - d10) * fx) * spatial_shapes[:, 0].view(-1, 1).to(fx.dtype)
-    grad_loc = torch.stack([grad_x, grad_y], dim=-1) * attention_weights[..., None]
-    return grad_value.view_as(value), grad_loc, grad_attn
+    widths = taps.layout.per_level(spatial_shapes[:, 1].to(fx.dtype))
+    heights = taps.layout.per_level(spatial_shapes[:, 0].to(fx.dtype))
+    grad_x = ((d10 - d00) * (1 - fy) + (d11 - d01) * fy) * widths
+    grad_y = ((d01 - d00) * (1 - fx) + (d11 - d10) * fx) * heights
+    grad_loc = torch.stack([grad_x, grad_y], dim=-1) * taps.layout.per_point(attention_weights)[..., None]
+    return grad_value.view_as(value), taps.layout.to_op_layout(grad_loc), taps.layout.to_op_layout(grad_attn)
 
 
 def compile_requested() -> bool:
