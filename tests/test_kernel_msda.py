@@ -8,6 +8,8 @@ Shapes are sized to a few dozen programs per launch.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -173,3 +175,18 @@ def test_kernel_forward_rejects_bad_locality_options() -> None:
     for options in ({"q_iters": 0}, {"group_levels": -1}):
         with pytest.raises(ValueError, match=r"q_iters \(-?\d+\) must be >= 1 and group_levels"):
             msda_forward(*case.args(), **options)
+
+
+@pytest.mark.parametrize(("variable", "value"), [("MMI_MSDA_GROUP_LEVELS", "three"), ("MMI_MSDA_Q_ITERS", "-2")])
+def test_kernel_locality_variables_are_validated(variable: str, value: str) -> None:
+    """A bad ``MMI_MSDA_GROUP_LEVELS`` / ``MMI_MSDA_Q_ITERS`` stops the kernels' import with a message naming it."""
+    env = {**os.environ, variable: value, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", "import comfy_mm_interleaved.kernels.msda"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert f"{variable}={value!r} must be a whole number >= 0" in done.stderr, done.stderr[-2000:]
