@@ -163,8 +163,10 @@ def ms_deform_attn_gather(
     n, _, m, d = value.shape
     lq = sampling_locations.shape[1]
     taps = bilinear_taps(value, spatial_shapes, level_start_index, sampling_locations)
-    weights = taps.layout.per_tap(attention_weights) * taps.bilinear()
-    out = F.embedding_bag(taps.bags(taps.rows), value.reshape(-1, d), per_sample_weights=taps.bags(weights), mode="sum")
+    weights = taps.bags(taps.layout.per_tap(attention_weights) * taps.bilinear())
+    rows = taps.bags(taps.rows)
+    del taps  # peak memory: the taps in one layout at a time (eagerly the bags are a permuted copy)
+    out = F.embedding_bag(rows, value.reshape(-1, d), per_sample_weights=weights, mode="sum")
     return out.view(n, lq, m * d)
 
 
