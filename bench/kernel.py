@@ -332,14 +332,7 @@ def tune_triton(args, device: torch.device, dtype: torch.dtype) -> Iterator[dict
     prefetch; or (``--tune-split``) the forward's locality options instead, each checked
     against the plain forward first, at every ``--tune-grid`` configuration (the default one when the grid is empty);
     the defaults come from launch_config and the ``MMI_MSDA_*`` variables."""
-    from comfy_mm_interleaved.kernels.msda import (
-        FORWARD_GROUP_LEVELS,
-        FORWARD_PREFETCH,
-        FORWARD_Q_ITERS,
-        launch_config,
-        msda_backward,
-        msda_forward,
-    )
+    from comfy_mm_interleaved.kernels.msda import FORWARD_PREFETCH, launch_config, msda_backward, msda_forward
 
     case = scaled_case(args.tune_shape, args.scale, dtype, device)
     on_gpu = device.type == "cuda"  # (a CPU sweep runs the interpreter: as few calls as asked)
@@ -347,7 +340,10 @@ def tune_triton(args, device: torch.device, dtype: torch.dtype) -> Iterator[dict
     lq, points, d = case.sampling_locations.shape[1], case.sampling_locations.shape[4], case.value.shape[3]
     default = launch_config(lq, points, d, value_bytes=case.value.element_size())
     grid = [tuple(int(v) for v in item.split("x")) for item in args.tune_grid.split(",") if item]
-    for block_q, warps in [] if args.tune_split else grid:  # --tune-split replaces the plain sweep
+    if args.tune_split:  # the locality options instead of the plain sweep
+        yield from _tune_split(args, case, grid or [(default[0], default[3])], (default[0], default[3]), time_it)
+        return
+    for block_q, warps in grid:
         for prefetch in (False, True):
             entry = {"block_q": block_q, "num_warps": warps, "prefetch": prefetch,
                      "default": (block_q, warps, prefetch) == (default[0], default[3], FORWARD_PREFETCH)}  # fmt: skip
@@ -362,15 +358,22 @@ def tune_triton(args, device: torch.device, dtype: torch.dtype) -> Iterator[dict
             except Exception as error:
                 entry["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
             yield entry
-    if not args.tune_split:
-        return
+
+
+def _tune_split(
+    args, case: MSDACase, grid: list[tuple[int, ...]], default: tuple[int, int], time_it: Callable
+) -> Iterator[dict]:
+    """The forward's locality options (``--tune-split``) at each (BLOCK_Q, num_warps) of ``grid``; ``default`` is
+    launch_config's (BLOCK_Q, num_warps)."""
+    from comfy_mm_interleaved.kernels.msda import FORWARD_GROUP_LEVELS, FORWARD_PREFETCH, FORWARD_Q_ITERS, msda_forward
+
     expected = msda_forward(*case.args(), group_levels=0, q_iters=1).float()
     splits = [tuple(int(v) for v in item.split("x")) for item in args.tune_split.split(",")]
-    for (block_q, warps), (group_levels, q_iters) in itertools.product(grid or [(default[0], default[3])], splits):
+    for (block_q, warps), (group_levels, q_iters) in itertools.product(grid, splits):
         entry = {"block_q": block_q, "num_warps": warps, "prefetch": FORWARD_PREFETCH,
                  "group_levels": group_levels or None, "q_iters": q_iters,
-                 "default": (block_q, warps, group_levels or None, q_iters)
-                 == (default[0], default[3], FORWARD_GROUP_LEVELS, FORWARD_Q_ITERS)}  # fmt: skip
+                 "default": (block_q, warps, group_levels, q_iters)
+                 == (*default, FORWARD_GROUP_LEVELS, FORWARD_Q_ITERS)}  # fmt: skip
         try:
             options = {"group_levels": group_levels, "q_iters": q_iters, "block_q": block_q, "num_warps": warps}
             entry["rel_l2"] = relative_l2(msda_forward(*case.args(), **options).float(), expected)

@@ -269,7 +269,7 @@ def msda_backward_kernel(
 FORWARD_PREFETCH = os.environ.get("MMI_MSDA_PREFETCH", "1") == "1"
 
 
-def _positive_int_from_env(name: str, default: int) -> int:
+def _whole_number_from_env(name: str, default: int) -> int:
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
@@ -280,8 +280,8 @@ def _positive_int_from_env(name: str, default: int) -> int:
 
 # The forward's locality options (msda_forward's group_levels and q_iters), not yet measured on a GPU, so off by
 # default: MMI_MSDA_GROUP_LEVELS=3 gives each program one image's three levels, MMI_MSDA_Q_ITERS=2 two query blocks.
-FORWARD_GROUP_LEVELS = _positive_int_from_env("MMI_MSDA_GROUP_LEVELS", 0) or None
-FORWARD_Q_ITERS = max(1, _positive_int_from_env("MMI_MSDA_Q_ITERS", 1))
+FORWARD_GROUP_LEVELS = _whole_number_from_env("MMI_MSDA_GROUP_LEVELS", 0)  # 0: all levels in one program
+FORWARD_Q_ITERS = max(1, _whole_number_from_env("MMI_MSDA_Q_ITERS", 1))
 
 
 def compute_tl_dtype(dtype: torch.dtype):
@@ -353,7 +353,7 @@ def msda_forward(
         return out.zero_()
     group_levels = FORWARD_GROUP_LEVELS if group_levels is None else group_levels
     q_iters = FORWARD_Q_ITERS if q_iters is None else q_iters
-    if q_iters < 1 or (group_levels is not None and group_levels < 0):
+    if q_iters < 1 or group_levels < 0:
         raise ValueError(f"msda_forward: q_iters ({q_iters}) must be >= 1 and group_levels ({group_levels}) >= 0")
     group_levels = min(group_levels or n_levels, max(n_levels, 1))
     n_groups = triton.cdiv(n_levels, group_levels) if n_levels else 1

@@ -322,6 +322,8 @@ def test_recipe_errors_are_clear(tmp_path: Path, capsys) -> None:
     recipe = write_recipe(tmp_path / "r.yaml", [stage])
     assert main(["train-embedded", "--out", str(tmp_path / "o"), "--recipe", str(recipe), "--until", "second"]) == 1
     assert "--until 'second' is not a stage" in capsys.readouterr().err
+    assert main(["train-embedded", "--out", str(tmp_path / "o"), "--recipe", str(recipe), "--vae-steps", "0"]) == 1
+    assert "--vae-steps 0: the VAE stage needs at least 1 step" in capsys.readouterr().err
     assert main(["train-embedded", "--out", str(tmp_path / "o"), "--recipe", str(tmp_path / "none.yaml")]) == 1
     assert "none.yaml does not exist" in capsys.readouterr().err
 

@@ -22,6 +22,7 @@ lazily on first use and cached by torch; see docs/KERNELS_DESIGN.md for the meas
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -66,9 +67,9 @@ class TapLayout:
         """The op's [N, Lq, M, L, P, ...] -> the per-point layout (contiguous when level-first)."""
         return level_major(t) if self.level_first else t
 
-    def per_tap(self, t: torch.Tensor) -> torch.Tensor:
-        """The op's [N, Lq, M, L, P] -> broadcastable against the taps."""
-        return level_major(t) if self.level_first else t[..., None]
+    def per_tap(self, per_point: torch.Tensor) -> torch.Tensor:
+        """A per-point tensor (:meth:`per_point`) -> broadcastable against the taps."""
+        return per_point if self.level_first else per_point[..., None]
 
     def to_op_layout(self, t: torch.Tensor) -> torch.Tensor:
         """A per-point tensor (with trailing axes) -> the op's [N, Lq, M, L, P, ...], contiguous."""
@@ -94,17 +95,17 @@ class Taps(NamedTuple):
     def bags(self, t: torch.Tensor) -> torch.Tensor:
         """A per-tap tensor -> [N * Lq * M, 4 * L * P]: one row (an embedding bag) per (query, head), its taps in
         any order."""
-        if not self.layout.level_first:
-            return t.reshape(-1, t[0, 0, 0].numel())
+        if not self.layout.level_first:  # [N, Lq, M, L, P, 4]
+            return t.reshape(-1, math.prod(t.shape[3:]))
         corners, levels, n, lq, m, points = t.shape
         return t.permute(2, 3, 4, 0, 1, 5).reshape(n * lq * m, corners * levels * points)
 
     def bag_of_tap(self, tap: torch.Tensor) -> torch.Tensor:
         """Flat indices into the taps -> the (query, head) bag of each."""
-        if not self.layout.level_first:
-            return tap // self.rows[0, 0, 0].numel()
-        points, bags = self.rows.shape[-1], self.rows[0, 0, ..., 0].numel()
-        return (tap // points) % bags
+        shape = self.rows.shape
+        if not self.layout.level_first:  # [N, Lq, M, L, P, 4]
+            return tap // math.prod(shape[3:])
+        return (tap // shape[-1]) % math.prod(shape[2:5])  # [4, L, N, Lq, M, P]
 
 
 def level_major(t: torch.Tensor) -> torch.Tensor:
@@ -163,7 +164,7 @@ def ms_deform_attn_gather(
     n, _, m, d = value.shape
     lq = sampling_locations.shape[1]
     taps = bilinear_taps(value, spatial_shapes, level_start_index, sampling_locations)
-    weights = taps.bags(taps.layout.per_tap(attention_weights) * taps.bilinear())
+    weights = taps.bags(taps.layout.per_tap(taps.layout.per_point(attention_weights)) * taps.bilinear())
     rows = taps.bags(taps.rows)
     del taps  # peak memory: the taps in one layout at a time (eagerly the bags are a permuted copy)
     out = F.embedding_bag(rows, value.reshape(-1, d), per_sample_weights=weights, mode="sum")
@@ -203,7 +204,8 @@ def ms_deform_attn_gather_backward(
     taps = bilinear_taps(value, spatial_shapes, level_start_index, sampling_locations)
     table = value.reshape(-1, d)  # [N*S*M, D]
     grad = grad_output.reshape(-1, d)  # [N*Lq*M, D], one row per (query, head) bag
-    weights = taps.layout.per_tap(attention_weights) * taps.bilinear()
+    attention = taps.layout.per_point(attention_weights)
+    weights = taps.layout.per_tap(attention) * taps.bilinear()
     # the transposed gather: taps sorted by row, one embedding_bag whose bags are the rows of value
     sorted_rows, order = taps.rows.reshape(-1).sort()
     bags = taps.bag_of_tap(order)  # the (query, head) of each sorted tap
@@ -222,7 +224,7 @@ def ms_deform_attn_gather_backward(
     heights = taps.layout.per_level(spatial_shapes[:, 0].to(fx.dtype))
     grad_x = ((d10 - d00) * (1 - fy) + (d11 - d01) * fy) * widths
     grad_y = ((d01 - d00) * (1 - fx) + (d11 - d10) * fx) * heights
-    grad_loc = torch.stack([grad_x, grad_y], dim=-1) * taps.layout.per_point(attention_weights)[..., None]
+    grad_loc = torch.stack([grad_x, grad_y], dim=-1) * attention[..., None]
     return grad_value.view_as(value), taps.layout.to_op_layout(grad_loc), taps.layout.to_op_layout(grad_attn)
 
 

@@ -346,7 +346,9 @@ def run(args, argv: list[str] | None = None) -> int:  # noqa: ANN001
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     recipe = Recipe.load(args.recipe)
     if args.vae_steps is not None or args.rehearse:
-        recipe.vae_steps = args.vae_steps or 3
+        recipe.vae_steps = args.vae_steps if args.vae_steps is not None else 3
+        if recipe.vae_steps < 1:
+            raise ValueError(f"--vae-steps {recipe.vae_steps}: the VAE stage needs at least 1 step")
     if args.seed is not None:
         recipe.seed = args.seed
     if args.until is not None and args.until not in ("vae", *recipe.names()):
