@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from comfy_api.latest import io
+from comfy_execution.graph_utils import ExecutionBlocker
 from PIL import Image
 
 from comfy_mm_interleaved.inference import ImageOptions, Interleaved, TextOptions
@@ -20,7 +21,7 @@ from comfy_mm_interleaved.models.diffusion import SCHEDULERS
 from .context import context_input, context_output
 from .loader import LoadedModel
 from .progress import ComfyProgress
-from .types import CATEGORY, MMIModel
+from .types import CATEGORY, MMIModel, check_choices
 
 GENERATE_CATEGORY = f"{CATEGORY}/generate"
 SEED_MAX = 2**53 - 1  # the largest integer the frontend (JavaScript numbers) keeps exactly
@@ -120,10 +121,11 @@ def image_options(steps: int, guidance: float, scheduler: str, seed: int, count:
     )
 
 
-def images_to_tensor(images: list[Image.Image], size: int) -> torch.Tensor:
-    """RGB PIL images -> ComfyUI IMAGE [N, H, W, 3] in [0, 1] (an empty batch is [0, size, size, 3])."""
+def images_to_tensor(images: list[Image.Image]) -> torch.Tensor | ExecutionBlocker:
+    """RGB PIL images -> ComfyUI IMAGE [N, H, W, 3] in [0, 1]. No images: an ``ExecutionBlocker`` that silently skips
+    the nodes fed by this output (an empty IMAGE batch would make ComfyUI's own Save/Preview Image nodes fail)."""
     if not images:
-        return torch.zeros(0, size, size, 3)
+        return ExecutionBlocker(None)
     return torch.from_numpy(np.stack([np.asarray(image) for image in images])).float() / 255.0
 
 
@@ -159,6 +161,12 @@ class GenerateText(io.ComfyNode):
 
     @classmethod
     def execute(cls, model: LoadedModel, context: Interleaved, **options: object) -> io.NodeOutput:
+        if context.ends_with_pending_image:
+            raise ValueError(
+                "Generate text: the context ends where the model asked for an image (the previous text node stopped "
+                "there with stop_on_image). Connect 'Generate image' (or 'Append image(s)') before this node, use "
+                "'Generate interleaved (auto)', or turn stop_on_image off on the previous 'Generate text'."
+            )
         result = model.engine_ready().generate_text(context, TextOptions(**options), progress=ComfyProgress())
         return io.NodeOutput(result.text, result.document)
 
@@ -183,6 +191,10 @@ class GenerateImage(io.ComfyNode):
                 context_output("The document with the first image appended."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, scheduler: str) -> bool | str:
+        return check_choices(scheduler=(scheduler, SCHEDULERS))
 
     @classmethod
     def execute(
@@ -231,11 +243,19 @@ class GenerateInterleaved(io.ComfyNode):
                 *image_inputs("image_seed"),
             ],
             outputs=[
-                io.Image.Output(display_name="images", tooltip="The new images, in order [N, H, W, 3] (N may be 0)."),
+                io.Image.Output(
+                    display_name="images",
+                    tooltip="The new images, in order [N, H, W, 3]. When the model drew none, the nodes fed by this "
+                    "output are skipped (the text and context outputs still run).",
+                ),
                 io.String.Output(display_name="text", tooltip="The new text segments, one per line."),
                 context_output("The continued document."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, scheduler: str) -> bool | str:
+        return check_choices(scheduler=(scheduler, SCHEDULERS))
 
     @classmethod
     def execute(
@@ -263,5 +283,4 @@ class GenerateInterleaved(io.ComfyNode):
         new = continuation(context, document)
         images = [s.image for s in new if isinstance(s, ImagePart) and not s.pending]
         lines = [s.text.strip() for s in new if isinstance(s, TextPart) and s.text.strip()]
-        size = engine.config.image_decoder.image_size
-        return io.NodeOutput(images_to_tensor(images, size), "\n".join(lines), document)
+        return io.NodeOutput(images_to_tensor(images), "\n".join(lines), document)

@@ -32,7 +32,7 @@ from comfy_api.latest import io
 from comfy_mm_interleaved.inference import InterleavedEngine, resolve_model_dir
 
 from . import model_folder
-from .types import CATEGORY, MMIModel
+from .types import CATEGORY, MMIModel, check_choices
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_MODES = ("auto", "cpu", "sequential offload")
@@ -160,13 +160,12 @@ class LoadModel(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, model: str) -> bool | str:
-        # ComfyUI 0.3.75 checks the options of classic combos only, not of V3 ones: without this, a workflow naming
-        # a model this installation lacks would fail only when it runs.
+    def validate_inputs(cls, model: str, dtype: str, device: str) -> bool | str:
+        # see check_choices: a model this installation lacks is refused when the prompt is queued
         names = model_folder.model_names()
-        if model is None or model in names:  # None: the value arrives through a link
-            return True
-        return f"no MM-Interleaved model {model!r} here; installed: {names} (folders under models/mm_interleaved/)"
+        if model is not None and model not in names:  # None: the value arrives through a link
+            return model_folder.missing_model_message(model, names)
+        return check_choices(dtype=(dtype, DTYPES), device=(device, DEVICE_MODES))
 
     @classmethod
     def execute(cls, model: str, dtype: str, device: str) -> io.NodeOutput:

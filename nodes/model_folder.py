@@ -28,15 +28,43 @@ def register() -> None:
     folder_paths.folder_names_and_paths[FOLDER] = (paths, {".json"})
 
 
-def model_names() -> list[str]:
-    """``EMBEDDED`` and every model folder, as paths relative to their models root (``/``-separated), sorted."""
+def _json_files_by_folder() -> dict[str, set[str]]:
+    """The ``.json`` files of the model roots, by folder (relative, ``/``-separated)."""
     files_by_folder: dict[str, set[str]] = {}
     for relative in folder_paths.get_filename_list(FOLDER):
         parent, name = os.path.split(relative)
         if parent:
-            files_by_folder.setdefault(parent, set()).add(name)
-    found = sorted(Path(p).as_posix() for p, names in files_by_folder.items() if names.issuperset(MARKER_FILES))
+            files_by_folder.setdefault(Path(parent).as_posix(), set()).add(name)
+    return files_by_folder
+
+
+def model_names() -> list[str]:
+    """``EMBEDDED`` and every model folder, as paths relative to their models root (``/``-separated), sorted."""
+    found = sorted(p for p, names in _json_files_by_folder().items() if names.issuperset(MARKER_FILES))
     return [EMBEDDED] + found
+
+
+def unconverted_folders() -> list[str]:
+    """Folders with JSON files but without the model marker files, outside every model folder: typically an official
+    release (``pytorch_model.bin.index.json``) or a Hugging Face download put there before conversion."""
+    by_folder = _json_files_by_folder()
+    models = [p for p, names in by_folder.items() if names.issuperset(MARKER_FILES)]
+    return sorted(p for p in by_folder if p not in models and not any(p.startswith(f"{model}/") for model in models))
+
+
+def missing_model_message(name: str, names: list[str]) -> str:
+    """Why model ``name`` is not offered, and what to do."""
+    message = f"no MM-Interleaved model {name!r} here; installed: {names} (folders under models/mm_interleaved/)"
+    unconverted = unconverted_folders()
+    if name in unconverted:
+        return (
+            f"{message}. The folder {name!r} exists but is not a model in this pack's format (it has no "
+            f"{MARKER_FILES[1]}): convert the official release into a new folder with `python -m "
+            f"comfy_mm_interleaved convert-official SRC_FOLDER models/mm_interleaved/<name>`, then refresh"
+        )
+    if unconverted:
+        return f"{message}. Not converted (see convert-official in the README): {unconverted}"
+    return message
 
 
 def model_path(name: str) -> Path | None:

@@ -1,18 +1,21 @@
 """Save an interleaved document: its images as PNG, the document as JSON and a readable HTML page.
 
 Files go to ComfyUI's output folder as ``<prefix>_<counter>_.json`` / ``.html`` with ``<prefix>_<counter>_-NN.png``
-beside them (ComfyUI's counter naming). The JSON is ``Interleaved.to_json``'s format and reloads with
-``Interleaved.from_json``.
+beside them (ComfyUI's counter naming); the PNGs carry the workflow as ComfyUI's Save Image writes it. The JSON is
+``Interleaved.to_json``'s format and reloads with ``Interleaved.from_json``.
 """
 
 from __future__ import annotations
 
 import html
+import json
 import os
 from pathlib import Path
 
 import folder_paths
+from comfy.cli_args import args
 from comfy_api.latest import io
+from PIL.PngImagePlugin import PngInfo
 
 from comfy_mm_interleaved.inference import Interleaved
 from comfy_mm_interleaved.inference.document import ImagePart
@@ -48,11 +51,26 @@ def html_page(doc: Interleaved, image_files: list[str | None], title: str) -> st
     )
 
 
-def save_document(doc: Interleaved, output_dir: str, prefix: str) -> tuple[Path, Path, list[Path]]:
+def workflow_metadata(prompt: dict | None, extra_pnginfo: dict | None) -> PngInfo | None:
+    """PNG text chunks as ComfyUI's Save Image writes them (``prompt`` and the workflow), so dropping a saved PNG
+    onto ComfyUI reloads the workflow; None with ``--disable-metadata``."""
+    if args.disable_metadata or (prompt is None and not extra_pnginfo):
+        return None
+    metadata = PngInfo()
+    if prompt is not None:
+        metadata.add_text("prompt", json.dumps(prompt))
+    for key, value in (extra_pnginfo or {}).items():
+        metadata.add_text(key, json.dumps(value))
+    return metadata
+
+
+def save_document(
+    doc: Interleaved, output_dir: str, prefix: str, pnginfo: PngInfo | None = None
+) -> tuple[Path, Path, list[Path]]:
     """Write ``doc`` under ``output_dir`` with ComfyUI's counter naming: ``(json, html, image files)``."""
     folder, filename, counter, _, _ = folder_paths.get_save_image_path(prefix, output_dir)
     stem = f"{filename}_{counter:05}_"  # ComfyUI's own pattern, which its counter recognises
-    json_path = doc.to_json(Path(folder) / f"{stem}.json")
+    json_path = doc.to_json(Path(folder) / f"{stem}.json", pnginfo)
     parts = [s for s in doc if isinstance(s, ImagePart)]
     names = [None if part.pending else f"{stem}-{k:02d}.png" for k, part in enumerate(parts)]
     html_path = json_path.with_suffix(".html")
@@ -86,7 +104,9 @@ class SaveInterleaved(io.ComfyNode):
         if len(context) == 0:
             raise ValueError("Save interleaved document: the context is empty, nothing to save")
         output_dir = folder_paths.get_output_directory()
-        json_path, html_path, images = save_document(context, output_dir, filename_prefix)
+        hidden = cls.hidden  # None when called outside ComfyUI's executor
+        metadata = workflow_metadata(getattr(hidden, "prompt", None), getattr(hidden, "extra_pnginfo", None))
+        json_path, html_path, images = save_document(context, output_dir, filename_prefix, metadata)
         subfolder = os.path.relpath(json_path.parent, output_dir)
         subfolder = "" if subfolder == "." else Path(subfolder).as_posix()
         return io.NodeOutput(

@@ -227,6 +227,20 @@ def test_interleaved_story_workflow(server) -> None:
             previous = assert_draws(image, {**previous, change.attribute: change.value})
 
 
+def test_interleaved_story_that_draws_no_image_skips_only_the_image_nodes(server) -> None:
+    prompt = api_workflow("interleaved_story")
+    prompt["6"]["inputs"].update(max_segments=1, min_new_tokens=2)  # one text segment: no image to save
+    _, entry = run_ok(server, prompt)
+    outputs = outputs_of(entry)
+    assert "7" not in outputs  # ComfyUI's Save Image was skipped, not failed on an empty batch
+    assert text_output(entry, "8").strip()
+    check_saved_document(server, entry, "9")
+    (document,) = outputs["9"]["text"]
+    assert document.startswith("<image 1> ") and "<image 2>" not in document  # no image drawn (at most pending)
+    (first,) = images_output(server, entry, "9")
+    assert json.loads(first.info["prompt"])["6"]["inputs"]["max_segments"] == 1  # the PNG carries the prompt
+
+
 def test_progress_events_arrive_for_every_diffusion_step(server) -> None:
     prompt = api_workflow("story_continuation")
     prompt["6"]["inputs"].update(seed=7, steps=5)  # not served from the cache of the earlier run
@@ -272,8 +286,17 @@ def test_bad_inputs_give_clear_node_errors_and_the_server_keeps_serving(server) 
     prompt = api_workflow("text_to_image", model="no_such_model")
     status, body = server.queue(prompt)
     assert status == 400
-    (error,) = body["node_errors"]["1"]["errors"]
-    assert error["details"].startswith("model - no MM-Interleaved model 'no_such_model' here; installed: ['embedded',")
+    # ComfyUI files a custom validation's message under every input the check reads (model, dtype, device)
+    details = [error["details"] for error in body["node_errors"]["1"]["errors"]]
+    assert [d.split(" - ")[0] for d in details] == ["model", "dtype", "device"]
+    assert details[0].startswith("model - no MM-Interleaved model 'no_such_model' here; installed: ['embedded',")
+    # a dropdown value this version lacks (ComfyUI itself checks only classic combos): refused when queued
+    prompt = api_workflow("text_to_image", model)
+    prompt["3"]["inputs"]["scheduler"] = "Euler a"
+    status, body = server.queue(prompt)
+    assert status == 400
+    (error,) = body["node_errors"]["3"]["errors"]
+    assert error["details"].startswith("scheduler - scheduler 'Euler a' is not one of ['ddpm', 'ddim',")
     # an empty context
     prompt = api_workflow("captioning", model)
     del prompt["4"], prompt["7"]

@@ -70,6 +70,8 @@ def test_comfyui_tensors_become_images() -> None:
         tensor_to_images(torch.zeros(3, 10, 12))  # channels first is not the ComfyUI layout
     with pytest.raises(ValueError, match="NaN"):
         tensor_to_images(torch.full((2, 2, 3), float("nan")))
+    with pytest.raises(ValueError, match=r"empty IMAGE batch \(0, 4, 4, 3\)"):
+        Interleaved(["nothing", torch.zeros(0, 4, 4, 3)])  # appending nothing silently would hide a wiring mistake
 
 
 def test_image_key_is_the_pixel_content() -> None:

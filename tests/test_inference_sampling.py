@@ -160,3 +160,6 @@ def test_invalid_text_options_are_refused() -> None:
     for kwargs in bad:
         with pytest.raises(ValueError):
             TextOptions(**kwargs).validate()
+    with pytest.raises(ValueError, match=r"min_new_tokens \(9\) is larger than max_new_tokens \(8\)"):
+        TextOptions(max_new_tokens=8, min_new_tokens=9).validate()
+    TextOptions(max_new_tokens=8, min_new_tokens=8).validate()  # equal: exactly 8 tokens

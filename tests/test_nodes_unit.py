@@ -412,3 +412,100 @@ def test_shapestories_image_follows_the_corpus_rules(comfyui) -> None:
     assert np.array_equal((image[0].numpy() * 255).round().astype(np.uint8), render_array(attributes, 64))
     reading = read_image(Image.fromarray(render_array(attributes, 64)))
     assert reading.labels() == attributes.labels()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checks at queue time and edge cases of the graph
+
+
+def test_dropdown_values_are_checked_when_the_prompt_is_queued(comfyui) -> None:
+    # ComfyUI 0.3.75 checks only classic combos; the pack's validate_inputs refuses what its dropdowns lack
+    nodes = comfyui.nodes
+    assert nodes["MMI_LoadModel"].validate_inputs(model=TINY_MODEL, dtype="auto", device="auto") is True
+    assert nodes["MMI_LoadModel"].validate_inputs(model=None, dtype=None, device=None) is True  # linked: run time
+    message = nodes["MMI_LoadModel"].validate_inputs(model="embedded", dtype="fp8", device="tpu")
+    assert message == (
+        "dtype 'fp8' is not one of ['auto', 'float32', 'bfloat16', 'float16']; "
+        "device 'tpu' is not one of ['auto', 'cpu', 'sequential offload']"
+    )
+    for node in ("MMI_GenerateImage", "MMI_GenerateInterleaved"):
+        assert nodes[node].validate_inputs(scheduler="ddim") is True
+        message = nodes[node].validate_inputs(scheduler="Euler a")
+        assert message.startswith("scheduler 'Euler a' is not one of [") and "'dpmpp_2m'" in message
+    shapes = {"shape": "hexagon", "colour": "red", "size": "small", "row": "top", "column": "left"}
+    assert nodes["MMI_ShapeStoriesImage"].validate_inputs(**{**shapes, "shape": "circle"}) is True
+    assert nodes["MMI_ShapeStoriesImage"].validate_inputs(**shapes).startswith("shape 'hexagon' is not one of [")
+
+
+def test_an_unconverted_model_folder_is_named_with_the_converter(comfyui, tmp_path) -> None:
+    folder, loader = comfyui.module("model_folder"), comfyui.nodes["MMI_LoadModel"]
+    extra = tmp_path / "extra"
+    release = extra / "mm_interleaved_pretrain"  # the official release: .bin shards and their index
+    release.mkdir(parents=True)
+    (release / "pytorch_model.bin.index.json").write_text("{}")
+    converted = extra / "converted"
+    (converted / "tokenizer").mkdir(parents=True)
+    for name in ("config.json", "weights_index.json", "tokenizer/tokenizer_config.json"):
+        (converted / name).write_text("{}")
+    comfyui.folder_paths.add_model_folder_path("mm_interleaved", str(extra))
+    try:
+        assert "converted" in folder.model_names()
+        assert folder.unconverted_folders() == ["mm_interleaved_pretrain"]  # not the converted model's tokenizer/
+        message = loader.validate_inputs(model="mm_interleaved_pretrain", dtype="auto", device="auto")
+        assert "The folder 'mm_interleaved_pretrain' exists but is not a model in this pack's format" in message
+        assert "comfy_mm_interleaved convert-official SRC_FOLDER models/mm_interleaved/<name>" in message
+        message = loader.validate_inputs(model="typo", dtype="auto", device="auto")
+        assert message.endswith("Not converted (see convert-official in the README): ['mm_interleaved_pretrain']")
+    finally:
+        comfyui.folder_paths.folder_names_and_paths["mm_interleaved"][0].remove(str(extra))
+        comfyui.folder_paths.filename_list_cache.pop("mm_interleaved", None)
+    assert folder.unconverted_folders() == []
+
+
+def test_generate_text_after_a_pending_image_says_which_node_to_connect(comfyui, model) -> None:
+    doc = Interleaved([red_square(), "a small red circle at top left.", None])  # None: the model asked for an image
+    with pytest.raises(ValueError, match="Connect 'Generate image' \\(or 'Append image\\(s\\)'\\) before this node"):
+        run(comfyui.nodes["MMI_GenerateText"], model=model, context=doc, **text_widgets())
+
+
+def test_interleaved_without_a_new_image_blocks_only_its_images_output(comfyui, model) -> None:
+    from comfy_execution.graph_utils import ExecutionBlocker
+
+    doc = Interleaved([red_square(), "a small red circle at top left."])
+    outputs = run(
+        comfyui.nodes["MMI_GenerateInterleaved"],
+        model=model,
+        context=doc,
+        max_segments=1,  # one text segment, no room for an image
+        image_after_text=True,
+        steps=1,
+        guidance=1.0,
+        scheduler="ddpm",
+        image_seed=1,
+        **text_widgets(max_new_tokens=3, min_new_tokens=3),
+    )
+    images, text, extended = outputs[0], outputs[1], outputs[2]
+    # ComfyUI skips the nodes fed by a blocked output silently (message None) instead of passing an empty batch
+    assert isinstance(images, ExecutionBlocker) and images.message is None
+    assert len(extended) == len(doc) + 1 and text == extended.segments[-1].text.strip()
+    with pytest.raises(ValueError, match=r"empty IMAGE batch \(0, 8, 8, 3\): pass at least one image"):
+        run(comfyui.nodes["MMI_AppendImage"], context=doc, images=torch.zeros(0, 8, 8, 3))
+
+
+def test_saved_pngs_carry_the_workflow_unless_metadata_is_disabled(comfyui) -> None:
+    import comfy.cli_args
+
+    doc = Interleaved([red_square(), "a small red circle at top left."])
+    workflow = {"nodes": [{"id": 9, "type": "MMI_SaveInterleaved"}]}
+    hidden = {"PROMPT": {"9": {"class_type": "MMI_SaveInterleaved"}}, "EXTRA_PNGINFO": {"workflow": workflow}}
+    node = comfyui.nodes["MMI_SaveInterleaved"].PREPARE_CLASS_CLONE(hidden)  # as ComfyUI's executor runs it
+    result = node.execute(context=doc, filename_prefix="meta/story")
+    (saved,) = result.ui["images"]
+    info = Image.open(comfyui.output / "meta" / saved["filename"]).info
+    assert json.loads(info["prompt"]) == hidden["PROMPT"] and json.loads(info["workflow"]) == workflow
+    comfy.cli_args.args.disable_metadata = True
+    try:
+        (saved,) = node.execute(context=doc, filename_prefix="meta/story").ui["images"]
+    finally:
+        comfy.cli_args.args.disable_metadata = False
+    assert "prompt" not in Image.open(comfyui.output / "meta" / saved["filename"]).info

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
 
 PathLike = str | os.PathLike
 
@@ -152,6 +153,8 @@ def tensor_to_images(tensor: torch.Tensor, name: str = "image") -> list[Image.Im
         raise ValueError(
             f"{name} must be a ComfyUI IMAGE tensor [B, H, W, C] or [H, W, C], got shape {tuple(tensor.shape)}"
         )
+    if array.shape[0] == 0:
+        raise ValueError(f"{name} is an empty IMAGE batch {tuple(tensor.shape)}: pass at least one image")
     return [_array_to_rgb(a, f"{name}[{i}]") for i, a in enumerate(array)]
 
 
@@ -336,8 +339,9 @@ class Interleaved:
                 k += 1
         return out
 
-    def to_json(self, path: PathLike) -> Path:
-        """Write the document to ``path`` and its images beside it as ``<stem>-<k>.png``, referenced relatively."""
+    def to_json(self, path: PathLike, pnginfo: PngInfo | None = None) -> Path:
+        """Write the document to ``path`` and its images beside it as ``<stem>-<k>.png``, referenced relatively
+        (``pnginfo``: text chunks for every PNG, e.g. the ComfyUI workflow)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         names: list[str | None] = []
@@ -347,7 +351,7 @@ class Interleaved:
                 names.append(None)
                 continue
             name = f"{path.stem}-{k:02d}.png"
-            seg.image.save(path.parent / name)
+            seg.image.save(path.parent / name, pnginfo=pnginfo)
             names.append(name)
         path.write_text(json.dumps(self.to_list(names), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         return path

@@ -52,6 +52,11 @@ class TextOptions:
             f"min_new_tokens must be >= 0, got {self.min_new_tokens}",
         )
         _require(
+            self.min_new_tokens <= self.max_new_tokens,
+            f"min_new_tokens ({self.min_new_tokens}) is larger than max_new_tokens ({self.max_new_tokens}): "
+            "lower min_new_tokens or raise max_new_tokens",
+        )
+        _require(
             math.isfinite(self.temperature) and self.temperature > 0, f"temperature must be > 0, got {self.temperature}"
         )
         _require(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}")
