@@ -14,6 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The official code's fixed sizes: ``clip_vit_adapter_hf(image_size=224)`` overrides the CLIP config's image size,
+# and ``VisualTokenizer(grid_size=16)`` builds its sin-cos table for a 16 x 16 grid.
+OFFICIAL_ENCODER_IMAGE_SIZE = 224
+OFFICIAL_POS_EMBED_GRID = 16
+
 
 def _build(cls: type, data: dict[str, Any]) -> Any:
     """Construct dataclass ``cls`` from a dict, recursing into nested dataclass fields; unknown keys are an error."""
@@ -88,6 +93,21 @@ class QFormerConfig(_ConfigBase):
     qk_normalization: bool = False
     gradient_checkpointing: bool = False
 
+    @classmethod
+    def from_official(cls, perceiver_config: dict[str, Any], where: str) -> QFormerConfig:
+        """An official ``perceiver_config`` (``PerceiverResampler`` arguments, the rest going to
+        ``Blip2QFormerConfig``). Keys that cannot change the computation of a query-only Q-Former are dropped; any
+        other key this config lacks is refused, rather than silently computing something else."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unused = {"vocab_size", "max_position_embeddings", "pad_token_id", "use_qformer_text_input"}
+        position = perceiver_config.get("position_embedding_type", "absolute")
+        if position != "absolute":  # relative keys would add distance terms to the attention scores
+            raise ValueError(f"{where}: position_embedding_type {position!r} is not supported (only 'absolute')")
+        unknown = sorted(set(perceiver_config) - fields - unused - {"position_embedding_type"})
+        if unknown:
+            raise ValueError(f"{where}: unsupported Q-Former settings {unknown}; supported: {sorted(fields)}")
+        return cls(**{k: v for k, v in perceiver_config.items() if k in fields})
+
 
 @dataclass
 class VisualTokenizerConfig(_ConfigBase):
@@ -96,6 +116,13 @@ class VisualTokenizerConfig(_ConfigBase):
     # std of the visual-token projection's initial weights: the official 1e-3 suits fine-tuning from pretrained
     # parts; a model trained from scratch needs ~1/sqrt(width) or its image tokens start (and stay) near zero
     proj_init_std: float = 1e-3
+    # side of the fixed sin-cos table ``pos_embed`` [1 + g*g, C] (resized to each feature map): None = the encoder's
+    # patch grid; the official VisualTokenizer hard-codes 16 (= 224 / 14 for CLIP ViT-L/14)
+    pos_embed_grid: int | None = None
+
+    @property
+    def pos_grid_size(self) -> int:
+        return self.encoder.grid_size if self.pos_embed_grid is None else self.pos_embed_grid
 
 
 @dataclass
@@ -241,6 +268,11 @@ class SpecialTokens(_ConfigBase):
     pad_token_id: int = 31999
     boi_token_id: int = 32000  # <|beginofimage|>, "soi" in the official code
     image_token_id: int = 32001  # <|image|>
+
+    @property
+    def all_ids(self) -> tuple[int, ...]:
+        """<s>, </s>, pad, <BOI> and <|image|>."""
+        return (self.bos_token_id, self.eos_token_id, self.pad_token_id, self.boi_token_id, self.image_token_id)
 
 
 @dataclass
@@ -441,6 +473,18 @@ class MMInterleavedConfig(_ConfigBase):
         hard = raw["hard_coded_in_official_code"]
         llm_mmfs, unet_mmfs = hard["llm_mmfs"], hard["unet_mmfs"]
         image_embed_dim = model["image_embed_dim"]
+        # clip_vit_adapter_hf sets the CLIP config's image_size to 224 (whatever the folder says); the ViT-Adapter's
+        # pyramid is then 4g, 2g, g, g/2 with g = 224 // patch, and the LLM's MMFS reads the maps whose side is in
+        # ``spatial_shapes`` (in pyramid order)
+        encoder_size = OFFICIAL_ENCODER_IMAGE_SIZE
+        grid = encoder_size // clip["patch_size"]
+        pyramid = [4 * grid, 2 * grid, grid, grid // 2]
+        llm_levels = [level for level, side in enumerate(pyramid) if side in model["spatial_shapes"]]
+        if len(llm_levels) != len(model["spatial_shapes"]):
+            raise ValueError(
+                f"spatial_shapes {model['spatial_shapes']} must be sides of the ViT-Adapter pyramid {pyramid} "
+                f"(image size {encoder_size}, patch {clip['patch_size']})"
+            )
         sched = {
             k: v
             for k, v in raw["resolved_ddpm_scheduler_config"].items()
@@ -464,14 +508,15 @@ class MMInterleavedConfig(_ConfigBase):
                     intermediate_size=clip["intermediate_size"],
                     num_hidden_layers=clip["num_hidden_layers"],
                     num_attention_heads=clip["num_attention_heads"],
-                    image_size=clip["image_size"],
+                    image_size=encoder_size,
                     patch_size=clip["patch_size"],
                     hidden_act=clip["hidden_act"],
                     layer_norm_eps=clip["layer_norm_eps"],
                     conv_inplane=conv_inplane,
                     deform_num_heads=clip["num_attention_heads"],
                 ),
-                resampler=QFormerConfig(**vt_q),
+                resampler=QFormerConfig.from_official(vt_q, "visual_tokenizer_config.perceiver_config"),
+                pos_embed_grid=OFFICIAL_POS_EMBED_GRID,
             ),
             llm=LLMConfig(
                 hidden_size=llm["hidden_size"],
@@ -480,6 +525,9 @@ class MMInterleavedConfig(_ConfigBase):
                 num_attention_heads=llm["num_attention_heads"],
                 max_position_embeddings=llm["max_position_embeddings"],
                 rms_norm_eps=llm["rms_norm_eps"],
+                num_key_value_heads=llm.get("num_key_value_heads"),
+                rope_theta=llm.get("rope_theta", 10000.0),
+                hidden_act=llm.get("hidden_act", "silu"),
                 mmfs_every=model["cross_attention_frequency"],
                 mmfs=MMFSConfig(
                     n_heads=llm_mmfs["n_heads"],
@@ -488,14 +536,16 @@ class MMInterleavedConfig(_ConfigBase):
                     base_spatial_shape=llm_mmfs["base_spatial_shape"],
                     offset_init_magnitude=llm_mmfs["offset_init_magnitude"],
                     max_num_images=llm_mmfs["max_num_image_per_seq"],
-                    value_dim=image_embed_dim,
+                    # MMFS(d_model=hidden, ratio=vision/hidden) has int(d_model * ratio) value channels: the float
+                    # product can fall just short of the vision width (e.g. 88 and 120 give 119)
+                    value_dim=int(llm["hidden_size"] * (image_embed_dim / llm["hidden_size"])),
                 ),
             ),
             image_decoder=ImageDecoderConfig(
                 image_size=dec["image_size"],
                 prompt_length=dec["seq_len"],
                 uncond_prob=dec["uncond_prob"],
-                resampler=QFormerConfig(**dec_q),
+                resampler=QFormerConfig.from_official(dec_q, "image_decoder_config.perceiver_config"),
                 unet=dict(folders["unet_config"]),
                 vae=dict(folders["vae_config"]),
                 scheduler=sched,
@@ -512,6 +562,7 @@ class MMInterleavedConfig(_ConfigBase):
             loss_txt_weight=model["loss_txt_weight"],
             loss_img_weight=model["loss_img_weight"],
             dataset_to_ignore_noimage_cond_loss=list(model["dataset_to_ignore_noimage_cond_loss"]),
+            llm_mmfs_levels=llm_levels,
         )
 
     def save(self, path: str | Path) -> None:

@@ -37,6 +37,19 @@ def prompt(case) -> tuple[torch.Tensor, torch.Tensor]:
     return case["text.in.text_ids"], case["text.in.image_tensors_uint8"].float() / 255
 
 
+def words(model, text_ids: torch.Tensor, count: int) -> torch.Tensor:
+    """[1, count] copies of the prompt's last ordinary text id (whatever the prompt ends with: text or an image),
+    to lengthen a prompt without adding images or special tokens."""
+    special = model.config.special_tokens.all_ids
+    word = next(int(t) for t in text_ids[0].flip(0) if int(t) not in special)
+    return torch.full((1, count), word)
+
+
+def image_counts(images: torch.Tensor, rows: int) -> list[int]:
+    """Every row of a batch built by repeating the prompt holds all the prompt's images."""
+    return [images.shape[0]] * rows
+
+
 @pytest.fixture(scope="module")
 def generated(model, case):
     text_ids, images = prompt(case)
@@ -70,7 +83,7 @@ def test_generate_text_left_padded_batch(generated, model, case) -> None:
     text_ids, images = prompt(case)
     tokens = model.config.special_tokens
     pad = 3
-    other = torch.cat([text_ids, text_ids[:, -pad:]], 1)  # same images, longer text
+    other = torch.cat([text_ids, words(model, text_ids, pad)], 1)  # same images, longer text
     padded = torch.cat([torch.full((1, pad), tokens.pad_token_id), text_ids], 1)
     mask = torch.ones(2, other.shape[1], dtype=torch.long)
     mask[1, :pad] = 0
@@ -78,7 +91,7 @@ def test_generate_text_left_padded_batch(generated, model, case) -> None:
     out = model.generate_text(
         torch.cat([other, padded]),
         torch.cat([images, images]),
-        [1, 1],
+        image_counts(images, 2),
         mask,
         max_new_tokens=max_new,
         min_new_tokens=min_new,
@@ -93,7 +106,7 @@ def test_generate_text_stops_at_end_tokens(generated, model, case) -> None:
     text_ids, images = prompt(case)
     ids = generated.text_ids[0]
     steps = ids.shape[0]
-    other = torch.cat([text_ids, text_ids[:, -2:]], 1)
+    other = torch.cat([text_ids, words(model, text_ids, 2)], 1)
     other_ids = model.generate_text(other, images, max_new_tokens=steps).text_ids[0]
     end = next(k for k in range(1, steps) if int(ids[k]) not in other_ids.tolist())
     end_id = int(ids[end])
@@ -113,7 +126,7 @@ def test_generate_text_stops_at_end_tokens(generated, model, case) -> None:
     batch = model.generate_text(
         torch.cat([padded, other]),
         torch.cat([images, images]),
-        [1, 1],
+        image_counts(images, 2),
         mask,
         max_new_tokens=steps,
         eos_token_ids=[end_id],

@@ -216,7 +216,8 @@ def test_image_decoder_sample_parity(
     decoder: ImageDecoder, tiny_config: MMInterleavedConfig, golden: Path, generate_case
 ) -> None:
     """The whole sampler with the recorded draws injected: per-step CFG predictions, latents and the final image.
-    The MMFS source (image A) is encoded by the visual tokenizer, which has its own parity tests."""
+    The MMFS source (the prompt's last image: the one just before the target) is encoded by the visual tokenizer,
+    which has its own parity tests; ``image.mmfs_mask`` says whether the UNet sees it."""
     case = generate_case
     state = load_file(str(golden / "tiny_official_state_dict.safetensors"))
     tokenizer = VisualTokenizer(tiny_config).eval()
@@ -224,7 +225,8 @@ def test_image_decoder_sample_parity(
     tokenizer.load_state_dict({k.removeprefix(vt_prefix): v for k, v in state.items() if k.startswith(vt_prefix)})
     steps = len(generate_steps(case))
     with torch.no_grad():
-        pyramid = tokenizer(case["image.in.image_tensors_uint8"].float() / 255).multiscale_features
+        source = case["image.in.image_tensors_uint8"][-1:]  # [1, 3, H, W]
+        pyramid = tokenizer(source.float() / 255).multiscale_features
         prompt = decoder.prompt_embeds(case["image.context_features"], case["image.context_attention_mask"])
     records: list[DiffusionStep] = []
     image = decoder.sample(

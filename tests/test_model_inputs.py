@@ -142,8 +142,12 @@ def test_text_only_parity_prefix(llm_model, case) -> None:
     official hidden states and logits (causal attention; the official MMFS of such tokens reads only its null slot)."""
     is_boi = case["in.text_ids"] == TOKENS.boi_token_id
     first_boi = torch.where(is_boi.any(1), is_boi.int().argmax(1), is_boi.shape[1])
-    row = int(first_boi.argmax())
-    text_ids = case["in.text_ids"][row : row + 1, : int(first_boi[row])]
+    padding = case["in.attention_mask"] == 0  # (a row without images may be padded: stop before its padding)
+    first_pad = torch.where(padding.any(1), padding.int().argmax(1), padding.shape[1])
+    prefix = torch.minimum(first_boi, first_pad)
+    row = int(prefix.argmax())
+    text_ids = case["in.text_ids"][row : row + 1, : int(prefix[row])]
+    assert text_ids.shape[1] >= 1
     with torch.no_grad():
         out = llm_model(text_ids, return_intermediates=True)
     length = text_ids.shape[1]
@@ -176,8 +180,10 @@ def test_bad_text_ids(llm_model, case) -> None:
 
 def test_bad_image_layout(llm_model, case) -> None:
     counts = case["in.num_image_per_seq"]
+    wrong_counts = counts.clone()
+    wrong_counts[0] += 1
     with pytest.raises(ValueError, match="BOI tokens but num_image_per_seq"):
-        call(llm_model, case, num_image_per_seq=counts.flip(0))
+        call(llm_model, case, num_image_per_seq=wrong_counts)
     with pytest.raises(ValueError, match="one count per row"):
         call(llm_model, case, num_image_per_seq=counts[:1])
     truncated = case["in.text_ids"].clone()
@@ -186,7 +192,9 @@ def test_bad_image_layout(llm_model, case) -> None:
     with pytest.raises(ValueError, match=r"<\|image\|> tokens"):
         call(llm_model, case, text_ids=truncated)
     stray = case["in.text_ids"].clone()
-    stray[0, 1] = TOKENS.image_token_id
+    ordinary = ~torch.isin(stray, torch.tensor(TOKENS.all_ids)) & (case["in.attention_mask"] == 1)
+    row, position = (int(i) for i in ordinary.nonzero()[0])  # the first ordinary text token
+    stray[row, position] = TOKENS.image_token_id
     with pytest.raises(ValueError, match=r"<\|image\|> tokens"):
         call(llm_model, case, text_ids=stray)
     with pytest.raises(ValueError, match="nearest_bos_idxs"):

@@ -167,16 +167,17 @@ class MMInterleaved(nn.Module):
     ) -> MMInterleavedOutput:
         """One training step's losses.
 
-        text_ids [B, L] (packed rows of documents); image_tensors [n, 3, S, S] in [0, 1], one per <BOI> in
-        row-major order (or ``visual``: their precomputed visual-tokenizer output); image_tensors_dec
-        [n, 3, S_dec, S_dec] in [0, 1] for the diffusion loss (no image loss without them); num_image_per_seq [B]
-        (counted from the BOI tokens if None); attention_mask [B, L] (1 = real token); nearest_bos_idxs [n]: each
-        image's document start (computed from the <s> tokens if None); ``dataset_name`` (or
-        ``meta["dataset_name"]``) selects the official "ignore text without image" rule; ``draws``: the diffusion
-        step's random draws (drawn if None); ``ignore_prompt_token_offset``: the first tokens of every row (int or
-        [B]) are not text targets; ``text_loss_mask`` [B, L]: 0 where token t must not be a text target (SFT
-        prompts, any turn of any packed document; it indexes the target token, on top of the official ignore
-        rules); ``image_loss_mask`` [n] drops images from the image loss; the loss weights override the config's.
+        text_ids [B, L] (packed rows of documents); image_tensors [n, 3, S, S] in [0, 1], one per <BOI> in row-major
+        order (or ``visual``: their precomputed visual-tokenizer output); image_tensors_dec [n, 3, S_dec, S_dec] in [0,
+        1] for the diffusion loss (no image loss without them); num_image_per_seq [B] (counted from the BOI tokens if
+        None); attention_mask [B, L] (1 = real token); nearest_bos_idxs [n]: each image's document start (if None: the
+        last <s> before its BOI, which is what the official data pipeline passes; the official forward itself falls back
+        to 0, which differs only for rows packing several documents); ``dataset_name`` (or ``meta["dataset_name"]``)
+        selects the official "ignore text without image" rule; ``draws``: the diffusion step's random draws (drawn if
+        None); ``ignore_prompt_token_offset``: the first tokens of every row (int or [B]) are not text targets;
+        ``text_loss_mask`` [B, L]: 0 where token t must not be a text target (SFT prompts, any turn of any packed
+        document; it indexes the target token, on top of the official ignore rules); ``image_loss_mask`` [n] drops
+        images from the image loss; the loss weights override the config's.
         """
         attention_mask = self._check_text(text_ids, attention_mask)
         layout = self._layout(text_ids, num_image_per_seq)

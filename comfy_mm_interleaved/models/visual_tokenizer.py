@@ -60,7 +60,7 @@ class VisualTokenizer(nn.Module):
         self.pos_proj = nn.Linear(dim, dim)
         self.pos_ln = nn.LayerNorm(dim, eps=1e-6)
         # fixed (not trainable) [1 + g*g, C] table with a zero CLS row; a checkpoint key, hence a persistent buffer
-        self.register_buffer("pos_embed", sincos_2d(dim, vt.encoder.grid_size, cls_token=True))
+        self.register_buffer("pos_embed", sincos_2d(dim, vt.pos_grid_size, cls_token=True))
         self.post_ln = nn.LayerNorm(dim, eps=1e-6)
         self.perceiver_resampler = QFormerResampler(vt.resampler)
         self.proj = nn.Linear(vt.resampler.hidden_size, config.llm.hidden_size)
