@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from comfy_mm_interleaved.inference.document import load_image_file
 from comfy_mm_interleaved.tokenizer import (
     ImageSegment,
     TextSegment,
@@ -18,7 +19,8 @@ from comfy_mm_interleaved.tokenizer import (
     encode_document,
     load_tokenizer,
 )
-from comfy_mm_interleaved.train.images import center_crop
+from comfy_mm_interleaved.train.documents import BadInput
+from comfy_mm_interleaved.train.images import center_crop, load_image
 from comfy_mm_interleaved.train.packing import Packer, collate_rows, nearest_bos_indices
 from comfy_mm_interleaved.train.sources import SourceConfig, expand_braces, get_format
 from comfy_mm_interleaved.train.stream import StreamConfig, TrainStream
@@ -325,3 +327,18 @@ def test_streams_without_decoder_images_leave_out_the_image_loss_inputs(tok, tmp
     (batch,) = take(TrainStream(stream_cfg([source], decoder_images=False), tok, SPECIAL), 1)
     assert batch["image_tensors_dec"] is None  # the model then computes no image loss
     assert batch["image_tensors"].shape == (int(batch["num_image_per_seq"].sum()), 3, 32, 32)
+
+
+def test_training_reads_image_files_as_inference_does(tmp_path: Path) -> None:
+    """Alpha onto white and 16-bit scaled to 8 bits, in both: a model trains on the pixels it later sees."""
+    rgba = Image.new("RGBA", (5, 3), (0, 0, 255, 100))
+    gray16 = Image.new("I;16", (5, 3))
+    gray16.putpixel((0, 0), 40000)
+    for name, image, pixel in (("rgba.png", rgba, (155, 155, 255)), ("gray16.png", gray16, (156, 156, 156))):
+        image.save(tmp_path / name)
+        trained, used = load_image(name, tmp_path), load_image_file(tmp_path / name)
+        assert trained.mode == used.mode == "RGB" and trained.getpixel((0, 0)) == pixel
+        assert trained.tobytes() == used.tobytes()
+        assert load_image((tmp_path / name).read_bytes()).tobytes() == used.tobytes()
+    with pytest.raises(BadInput):
+        load_image(Image.new("F", (2, 2)))  # 32-bit float pixels: no unambiguous 8-bit reading

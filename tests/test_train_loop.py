@@ -21,12 +21,13 @@ import torch
 import yaml
 
 from comfy_mm_interleaved.checkpoint import save_pretrained
+from comfy_mm_interleaved.models.mm_interleaved import MMInterleaved
 from comfy_mm_interleaved.train.checkpointing import list_checkpoints, verify_checkpoint
 from comfy_mm_interleaved.train.config import TrainConfig
 from comfy_mm_interleaved.train.loop import Trainer, check_forward_takes, lr_multiplier, train
 from comfy_mm_interleaved.train.metrics import crc32c, read_metrics
 from comfy_mm_interleaved.train.params import OFFICIAL_RULES, apply_freezing, build_param_groups
-from test_train_helpers import WORDS, FaultInjector, build, story_corpus
+from test_train_helpers import WORDS, FaultInjector, build, story_corpus, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -319,6 +320,45 @@ def test_config_rejects_unknown_keys_and_applies_overrides(tmp_path) -> None:
     with pytest.raises(ValueError, match="unknown keys"):
         TrainConfig.load(path, ["train.max_step=3"])
     json.dumps(cfg.to_dict())  # serialisable
+
+
+def test_config_values_are_checked_for_type_and_range(tmp_path) -> None:
+    path = write_config(tmp_path / "c.yaml", {"train": {"max_steps": 3}, "data": {"sources": []}})
+    bad = {
+        "train.max_steps=abc": "train.max_steps: expected an integer, got 'abc'",
+        "train.seed=1.5": "train.seed: expected an integer, got 1.5",
+        "train.cpu=maybe": "train.cpu: expected true or false, got 'maybe'",
+        "train.max_steps=null": "train.max_steps: must be set",
+        "train.grad_accum=0": "train.grad_accum must be >= 1, got 0",
+        "train.log_every=0": "train.log_every must be >= 1, got 0",
+        "train.max_steps=-1": "train.max_steps must be >= 1, got -1",
+        "train.mixed_precision=fp8": "train.mixed_precision must be 'no', 'bf16' or 'fp16', got 'fp8'",
+        "data.batch_size=0": "data.batch_size must be >= 1, got 0",
+        "optim.betas=[0.9]": r"optim.betas must be two numbers in \[0, 1\)",
+        "optim.betas=[0.9, x]": r"optim.betas\[1\]: expected a number, got 'x'",
+        "optim.lr=0": "optim.lr and optim.eps must be > 0",
+        "model.freeze_extra=vision": "model.freeze_extra: expected a list, got 'vision'",
+    }
+    for override, message in bad.items():
+        with pytest.raises(ValueError, match=message):
+            TrainConfig.load(path, [override])
+    cfg = TrainConfig.load(path, ["train.output_dir=2024", "optim.lr=1", "model.tokenizer=null"])
+    assert (cfg.train.output_dir, cfg.optim.lr, cfg.model.tokenizer) == ("2024", 1.0, None)
+
+
+def test_a_fresh_run_refuses_a_folder_with_checkpoints_and_a_resume_of_another_shape_is_explained(
+    corpus, reference, tmp_path
+) -> None:
+    out = tmp_path / "out"
+    data = config_dict(out, corpus, max_steps=2, grad_accum=1, save_every=2)
+    assert train(TrainConfig.load(write_config(tmp_path / "c.yaml", data)), model=build()).step == 2
+    fresh = config_dict(out, corpus, max_steps=2, grad_accum=1, save_every=2, resume="none")
+    with pytest.raises(ValueError, match=r"train.resume=none, but .* already holds checkpoints \['step_00000002'\]"):
+        Trainer(TrainConfig.load(write_config(tmp_path / "c.yaml", fresh)), model=build())
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [2]  # untouched
+    other = MMInterleaved(tiny_config(llm_width=32))  # the LLM of another width
+    with pytest.raises(ValueError, match="cannot resume from .*step_00000002: its state does not fit this model"):
+        Trainer(TrainConfig.load(write_config(tmp_path / "c.yaml", data)), model=other)
 
 
 def test_shipped_configs_load() -> None:

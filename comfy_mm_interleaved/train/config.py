@@ -51,6 +51,20 @@ class OptimSection:
     warmup_steps: int = 1000
     min_lr_ratio: float = 0.0
 
+    def __post_init__(self) -> None:
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1) (AdamW's beta1, beta2), got {self.betas}")
+        if self.lr <= 0 or self.eps <= 0 or self.weight_decay < 0:
+            raise ValueError(
+                f"optim.lr and optim.eps must be > 0 and optim.weight_decay >= 0, got lr={self.lr}, eps={self.eps}, "
+                f"weight_decay={self.weight_decay}"
+            )
+        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(
+                f"optim.warmup_steps must be >= 0 and optim.min_lr_ratio in [0, 1], got {self.warmup_steps}, "
+                f"{self.min_lr_ratio}"
+            )
+
 
 @dataclass
 class TrainSection:
@@ -76,6 +90,17 @@ class TrainSection:
     # DDP: which parameters take part depends on the batch (a UNet MMFS block without a source image, the image
     # decoder without decoder images), so DDP must look for unused ones; False saves a graph walk per step
     find_unused_parameters: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.keep_last < 1:
+            raise ValueError(f"train.keep_last must be >= 1 (checkpoints kept), got {self.keep_last}")
+        if self.num_workers < 0:
+            raise ValueError(f"train.num_workers must be >= 0, got {self.num_workers}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"train.mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
 
     @property
     def last_step(self) -> int:
@@ -140,22 +165,56 @@ def build_dataclass(cls: type, data: Any, where: str) -> Any:
 
 
 def convert(hint: Any, value: Any, where: str) -> Any:
+    """``value`` (parsed YAML / JSON) as the field's type ``hint``; a clear error naming ``where`` otherwise."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if value is None:
-        return None
-    if float in (hint, *args) and isinstance(value, str):  # YAML 1.1 reads "2e-3" as a string
-        try:
-            return float(value)
-        except ValueError:
-            raise ValueError(f"{where}: expected a number, got {value!r}") from None
+    if hint is Any:
+        return value
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
+        if value is None:
+            if len(inner) < len(args):
+                return None
+            raise ValueError(f"{where}: must be set (null is not allowed)")
+        if len(inner) == 1:
+            return convert(inner[0], value, where)
         dataclass_args = [a for a in inner if dataclasses.is_dataclass(a)]
         return convert(dataclass_args[0], value, where) if dataclass_args and isinstance(value, dict) else value
+    if value is None:
+        raise ValueError(f"{where}: must be set (null is not allowed)")
     if dataclasses.is_dataclass(hint):
         return build_dataclass(hint, value, where)
-    if origin is list and args and dataclasses.is_dataclass(args[0]):
+    if origin is list:
         if not isinstance(value, list):
             raise ValueError(f"{where}: expected a list, got {value!r}")
-        return [convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    return _scalar(hint, value, where)
+
+
+def _scalar(hint: Any, value: Any, where: str) -> Any:
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false, got {value!r}")
+    elif hint is int:
+        if not (is_number and float(value).is_integer()):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    elif hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "2e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise ValueError(f"{where}: expected a number, got {value!r}") from None
+        if not is_number:
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    elif hint is str:
+        if is_number:  # e.g. output_dir=2024
+            return str(value)
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a string, got {value!r}")
     return value

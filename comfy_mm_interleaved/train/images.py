@@ -10,16 +10,20 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..inference.document import to_rgb
 from .documents import BadInput
 
 
 def load_image(source: Any, image_root: str | Path | None = None) -> Image.Image:
     """Decode an image from a path (relative to ``image_root``), raw bytes or a PIL image, as RGB.
 
-    Raises ``BadInput`` (``missing_file`` / ``corrupt_image``) so that a data stream can skip the document.
+    The conversion is the inference engine's (``inference.document.to_rgb``: alpha composited onto white, 16-bit
+    scaled to 8 bits), so a model sees the same pixels in training and in use; the official ``convert("RGB")``
+    keeps the colour under transparent pixels and clips 16-bit values. Raises ``BadInput`` (``missing_file`` /
+    ``corrupt_image``) so that a data stream can skip the document.
     """
     if isinstance(source, Image.Image):
-        return source.convert("RGB")
+        return _rgb(source, "image")
     try:
         if isinstance(source, bytes | bytearray):
             image = Image.open(io.BytesIO(source))
@@ -29,11 +33,18 @@ def load_image(source: Any, image_root: str | Path | None = None) -> Image.Image
                 path = Path(image_root) / path
             image = Image.open(path)
         image.load()  # decode now: a truncated file fails here, not later in a worker
-        return image.convert("RGB")
+        return _rgb(image, str(source) if not isinstance(source, bytes | bytearray) else "<bytes>")
     except FileNotFoundError as err:
         raise BadInput("missing_file", str(err)) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise BadInput("corrupt_image", f"{source if not isinstance(source, bytes) else '<bytes>'}: {err}") from None
+
+
+def _rgb(image: Image.Image, name: str) -> Image.Image:
+    try:
+        return to_rgb(image, name)
+    except ValueError as err:  # a mode with no unambiguous RGB reading
+        raise BadInput("corrupt_image", str(err)) from None
 
 
 def center_crop(image: Image.Image, size: int) -> torch.Tensor:

@@ -266,6 +266,12 @@ class Trainer:
     def resume(self) -> Path | None:
         t = self.cfg.train
         if t.resume == "none":
+            existing = sorted(p.name for p in self.checkpoint_root.glob("step_*") if not p.name.endswith(".tmp"))
+            if existing:  # a fresh run here would mix its checkpoints with these, and prune them
+                raise ValueError(
+                    f"train.resume=none, but {self.checkpoint_root} already holds checkpoints {existing}: choose "
+                    "another train.output_dir for a fresh run, resume them (train.resume=auto), or move them away"
+                )
             return None
         if t.resume == "auto":
             folder = latest_valid_checkpoint(self.checkpoint_root, t.verify_checksums)
@@ -273,7 +279,16 @@ class Trainer:
                 return None
         else:
             folder = Path(t.resume)
-        self.accelerator.load_state(str(folder))
+        try:
+            self.accelerator.load_state(str(folder))
+        except RuntimeError as err:  # e.g. "size mismatch for ...": a checkpoint of another model configuration
+            first = str(err).strip().splitlines()
+            detail = next((line.strip() for line in first if "size mismatch" in line or "Missing key" in line), "")
+            raise ValueError(
+                f"cannot resume from {folder}: its state does not fit this model and optimiser ({detail or first[0]}). "
+                "It was written by a run with another model configuration; point train.output_dir at a new folder, "
+                "or train.resume at a checkpoint of this configuration"
+            ) from None
         state = read_trainer_state(folder)
         self.step, self.data_state = state["step"], state["data_state"]
         log.info("resumed from %s at step %d", folder, self.step)

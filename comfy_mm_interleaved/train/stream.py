@@ -51,6 +51,11 @@ class StreamConfig:
     shuffle_block: int = 1  # shuffle records inside blocks of this many (1: keep file order)
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "batch_size", "shuffle_block"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+
 
 def record_rng(*parts: Any) -> random.Random:
     return random.Random("/".join(str(p) for p in parts))
