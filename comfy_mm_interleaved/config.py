@@ -304,6 +304,14 @@ class MMInterleavedConfig(_ConfigBase):
     unet_mmfs_levels: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
 
     # -------------------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        encoder = self.visual_tokenizer.encoder.image_size
+        if self.encoder_image_size != encoder:  # the data pipeline reads one, the vision encoder the other
+            raise ValueError(
+                f"encoder_image_size ({self.encoder_image_size}) must equal visual_tokenizer.encoder.image_size "
+                f"({encoder}): both are the side of the images the vision encoder reads"
+            )
+
     @classmethod
     def official_13b(cls) -> MMInterleavedConfig:
         return cls()
@@ -331,20 +339,21 @@ class MMInterleavedConfig(_ConfigBase):
         CLIP ViT + ViT-Adapter pyramid, Q-Former visual resampler, LLaMA with MMFS layers, context Q-Former, UNet
         with MMFSNet, VAE, text head.
 
-        ``vocab_size``: the tokenizer's vocabulary without BOI / ``<|image|>`` (``orig_vocab_size``); ids are
-        ``<s>`` 1, ``</s>`` 2, pad ``vocab_size - 1`` (an ordinary id, as 31999 in the release), BOI ``vocab_size``,
-        ``<|image|>`` ``vocab_size + 1`` (``build_word_tokenizer(words, config.special_tokens, vocab_size)`` needs
-        ``vocab_size >= len(words) + 4``). ``image_size`` / ``patch_size``: the encoder's input and ViT grid
-        ``g = image_size // patch_size`` (even; the adapter pyramid is 4g, 2g, g, g/2 and the LLM's MMFS reads the
-        last three); ``vision_layers``: ViT depth, split into the adapter's 4 layer groups (a multiple of 4);
-        ``num_img_token``: visual tokens per image; ``llm_layers`` / ``mmfs_every``: LLaMA depth and MMFS in layers
-        0, k, 2k, ...; ``decoder_image_size``: the diffusion side's images (64 to 512, dividing 512: the official
-        MMFSNet shape rule); ``unet_channels``: UNet and VAE block widths (4 blocks, even); ``decoder_width``: the
-        UNet's cross-attention width (= context Q-Former width); ``prompt_length``: the context Q-Former's queries.
-        Heads, MMFS points and the remaining hyper-parameters are fixed at small values or the official ones; the
-        Q-Formers start at N(0, 1/width) (BLIP-2's 0.02 suits width 768: at width 64 it leaves the visual tokens of
-        a model trained from scratch almost independent of the image) and the LLM's MMFS sampling points start
-        spread over the same share of the image as the official ones on its 16 x 16 grid.
+        ``vocab_size``: the tokenizer's vocabulary without BOI / ``<|image|>`` (``orig_vocab_size``); ids are ``<s>`` 1,
+        ``</s>`` 2, pad ``vocab_size - 1`` (an ordinary id, as 31999 in the release), BOI ``vocab_size``, ``<|image|>``
+        ``vocab_size + 1`` (``build_word_tokenizer(words, config.special_tokens, vocab_size)`` needs ``vocab_size >=
+        len(words) + 4``). ``image_size`` / ``patch_size``: the encoder's input and ViT grid ``g = image_size //
+        patch_size`` (even; the adapter pyramid is 4g, 2g, g, g/2 and the LLM's MMFS reads the last three);
+        ``vision_layers``: ViT depth, split into the adapter's 4 layer groups (a multiple of 4); ``num_img_token``:
+        visual tokens per image; ``llm_layers`` / ``mmfs_every``: LLaMA depth and MMFS in layers 0, k, 2k, ...;
+        ``decoder_image_size``: the diffusion side's images (64 to 512, dividing 512: the official MMFSNet shape rule);
+        ``unet_channels``: UNet and VAE block widths (4 blocks, multiples of 4); ``decoder_width``: the UNet's
+        cross-attention width (= context Q-Former width, a multiple of 4); ``prompt_length``: the context Q-Former's
+        queries. ``llm_width`` and ``vision_width`` are multiples of 8 (4 heads each; RoPE and the adapter's half-width
+        values need an even head width). Heads, MMFS points and the remaining hyper-parameters are fixed at small values
+        or the official ones; the Q-Formers start at N(0, 1/width) (BLIP-2's 0.02 suits width 768: at width 64 it leaves
+        the visual tokens of a model trained from scratch almost independent of the image) and the LLM's MMFS sampling
+        points start spread over the same share of the image as the official ones on its 16 x 16 grid.
         """
         if vocab_size < 5:
             raise ValueError(f"vocab_size must hold <unk>, <s>, </s>, pad and a word (>= 5), got {vocab_size}")
@@ -355,8 +364,23 @@ class MMInterleavedConfig(_ConfigBase):
             raise ValueError(f"vision_layers must be a multiple of 4 (the adapter's 4 groups), got {vision_layers}")
         if decoder_image_size < 64 or 512 % decoder_image_size:
             raise ValueError(f"decoder_image_size must divide 512 and be >= 64, got {decoder_image_size}")
-        if len(unet_channels) != 4 or any(c % 2 for c in unet_channels):
-            raise ValueError(f"unet_channels must be 4 even widths, got {unet_channels}")
+        if len(unet_channels) != 4 or any(c < 4 or c % 4 for c in unet_channels):
+            raise ValueError(f"unet_channels must be 4 widths, each a positive multiple of 4, got {unet_channels}")
+        # 4 attention heads everywhere: RoPE needs an even head width (LLM); the ViT-Adapter's deformable attention
+        # has half the vision width as values, split over 4 heads; the Q-Formers split their width over 4 heads
+        for name, width, multiple in (("llm_width", llm_width, 8), ("vision_width", vision_width, 8)):
+            if width < multiple or width % multiple:
+                raise ValueError(f"{name} must be a positive multiple of {multiple}, got {width}")
+        if decoder_width < 4 or decoder_width % 4:
+            raise ValueError(f"decoder_width must be a positive multiple of 4, got {decoder_width}")
+        for name, value in (
+            ("num_img_token", num_img_token),
+            ("llm_layers", llm_layers),
+            ("mmfs_every", mmfs_every),
+            ("prompt_length", prompt_length),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         per_group = vision_layers // 4
         heads = 4
         vision = VisionEncoderConfig(

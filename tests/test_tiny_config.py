@@ -134,8 +134,29 @@ def test_tiny_sizes_are_arguments_and_bad_ones_are_explained() -> None:
         ({"image_size": 24}, "even integer"),
         ({"decoder_image_size": 32}, "decoder_image_size"),
         ({"unet_channels": (4, 8, 16)}, "unet_channels"),
+        ({"unet_channels": (6, 6, 12, 12)}, r"unet_channels must be 4 widths, each a positive multiple of 4"),
+        ({"llm_width": 36}, "llm_width must be a positive multiple of 8, got 36"),  # RoPE: head width 9
+        ({"vision_width": 20}, "vision_width must be a positive multiple of 8"),  # adapter values: 10 over 4 heads
+        ({"decoder_width": 18}, "decoder_width must be a positive multiple of 4"),
+        ({"mmfs_every": 0}, "mmfs_every must be >= 1"),
+        ({"num_img_token": 0}, "num_img_token must be >= 1"),
+        ({"llm_layers": 0}, "llm_layers must be >= 1"),
+        ({"prompt_length": 0}, "prompt_length must be >= 1"),
     ):
         with pytest.raises(ValueError, match=message):
             MMInterleavedConfig.tiny(VOCAB, **kwargs)
     with pytest.raises(ValueError, match="vocab_size"):
         MMInterleavedConfig.tiny(3)
+    mismatched = {**MMInterleavedConfig.tiny(VOCAB).to_dict(), "encoder_image_size": 64}  # a hand-edited config.json
+    with pytest.raises(ValueError, match=r"encoder_image_size \(64\) must equal visual_tokenizer.encoder.image_size"):
+        MMInterleavedConfig.from_dict(mismatched)
+    # the smallest accepted sizes build and run a training forward (every check above is necessary, none too strict)
+    small = MMInterleavedConfig.tiny(VOCAB, llm_width=8, vision_width=8, decoder_width=4, unet_channels=(4, 4, 4, 4))
+    model = MMInterleaved(small).eval()
+    tokens = small.special_tokens
+    image = [tokens.image_token_id] * small.num_img_token
+    ids = torch.tensor([[tokens.bos_token_id, 5, tokens.boi_token_id, *image, 7]])
+    size, decoder_size = small.visual_tokenizer.encoder.image_size, small.image_decoder.image_size
+    with torch.no_grad():
+        out = model(ids, torch.rand(1, 3, size, size), image_tensors_dec=torch.rand(1, 3, decoder_size, decoder_size))
+    assert torch.isfinite(out.loss) and out.loss_img is not None
