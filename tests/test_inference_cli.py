@@ -68,3 +68,29 @@ def test_cli_generate_refuses_an_empty_document(model_dir, tmp_path: Path) -> No
     assert result.returncode == 1
     assert "document 2 is empty" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_generate_checks_every_document_first_and_names_the_bad_one(model_dir, tmp_path: Path) -> None:  # noqa: F811
+    config = tiny_config()
+    noise_image(1).save(tmp_path / "a.png")
+    too_many = config.llm.mmfs.max_num_images  # one more than the model reads
+    documents = [[{"text": words(ordinary_ids(config, 2))}], [{"image": "a.png"}] * too_many]
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps(d) for d in documents) + "\n")
+    out = tmp_path / "out"
+    result = run_cli("--model", str(model_dir), "--input", str(tmp_path / "docs.jsonl"), "--out", str(out))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"docs.jsonl: document 2: the document holds {too_many} images" in result.stderr
+    assert not out.exists()  # refused before the first document was generated
+
+    annotation = [{"sentences": ["w5 w6"], "images": [], "sentence_ixs": [], "generate_mode": "generate_videos"}]
+    (tmp_path / "annt.json").write_text(json.dumps(annotation))
+    result = run_cli("--model", str(model_dir), "--input", str(tmp_path / "annt.json"), "--out", str(out))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "document 1: generate_mode must be one of ['generate_texts', 'generate_images'], got 'generate_videos'" in (
+        result.stderr
+    )
+
+    args = ("--model", str(model_dir), "--input", str(tmp_path / "docs.jsonl"), "--out", str(out))
+    result = run_cli(*args, "--device", "banana")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "unknown device 'banana'" in result.stderr

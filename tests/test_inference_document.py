@@ -165,6 +165,12 @@ def test_official_annotation_import(tmp_path: Path) -> None:
     missing = [{"sentences": ["x"], "images": ["gone.png"], "sentence_ixs": [0], "image_first": [False]}]
     with pytest.raises(FileNotFoundError, match="gone.png"):
         Interleaved.from_official_annotation(missing, base_dir=tmp_path)
+    nowhere = [{"sentences": ["x", "y"], "images": ["a.png"], "sentence_ixs": [5], "image_first": [False]}]
+    (tmp_path / "nowhere.json").write_text(json.dumps(nowhere))
+    with pytest.raises(
+        ValueError, match=r"nowhere.json, entry 0: sentence_ixs\[0\] = 5 is not a sentence index \(0 to 1\)"
+    ):
+        load_documents(tmp_path / "nowhere.json")  # the image would otherwise vanish silently
 
 
 def test_jsonl_documents(tmp_path: Path) -> None:

@@ -284,6 +284,12 @@ def test_placement_resolution() -> None:
         resolve_placement("int8")
     cpu = resolve_placement("float32", "cpu", offload=True)
     assert cpu.offload == "none" and "offload ignored" in cpu.notes[0]
+    with pytest.raises(ValueError, match="unknown device 'banana'"):
+        resolve_placement("float32", "banana")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    absent = "cuda" if gpus == 0 else f"cuda:{gpus}"  # a device this machine does not have, whatever it has
+    with pytest.raises(ValueError, match=f"device '{absent}': "):
+        resolve_placement("float32", {"language": "cpu", "diffusion": absent})
 
 
 def test_sequential_offload_streams_layers_and_gives_the_same_tokens(model_dir, engine, config) -> None:  # noqa: F811

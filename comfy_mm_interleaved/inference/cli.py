@@ -12,9 +12,11 @@ are honoured (``generate_images`` asks for an image first), else ``auto``. A pro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,13 +81,21 @@ def _options(args: argparse.Namespace):
     return text, image
 
 
+OFFICIAL_MODES = ("generate_texts", "generate_images")  # the official demo's ``generate_mode`` values
+
+
 def _plan(doc, args: argparse.Namespace) -> tuple[Any, str, int]:
     """(document, mode, max_segments) of one input document (official annotation metadata as defaults)."""
     mode = args.mode
-    steps = args.max_segments or int(doc.meta.get("num_iter", 4))
+    steps = args.max_segments or doc.meta.get("num_iter", 4)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"num_iter must be a whole number >= 1, got {steps!r}")
     if mode is None:
         mode = "auto"
-        if doc.meta.get("generate_mode") == "generate_images":
+        official = doc.meta.get("generate_mode", "generate_texts")
+        if official not in OFFICIAL_MODES:
+            raise ValueError(f"generate_mode must be one of {list(OFFICIAL_MODES)}, got {official!r}")
+        if official == "generate_images":
             doc = doc.append_pending_image()
     return doc, mode, steps
 
@@ -126,30 +136,60 @@ def run_generate(args: argparse.Namespace) -> int:
 
     text_options, image_options = _options(args)
     docs = load_documents(args.input)
+    plans = []
     for number, doc in enumerate(docs, start=1):
         if doc.without_pending_image().is_empty():
             raise ValueError(f"{args.input}: document {number} is empty (no text and no image)")
+        with _naming(args.input, number):
+            plans.append(_plan(doc, args))
     from .engine import InterleavedEngine  # transformers and diffusers load only once the input is valid
 
     start = time.perf_counter()
     engine = InterleavedEngine.from_pretrained(args.model, dtype=args.dtype, device=args.device, offload=args.offload)
     load_seconds = time.perf_counter() - start
+    for number, (doc, mode, _) in enumerate(plans, start=1):  # every document, before generating any
+        with _naming(args.input, number):
+            engine.check_can_continue(doc, mode)
     args.out.mkdir(parents=True, exist_ok=True)
     width = max(5, len(str(len(docs) - 1)))
     bar = ProgressBar(enabled=not args.no_progress)
-    records = []
-    for index, doc in enumerate(docs):
-        doc, mode, steps = _plan(doc, args)
-        bar.start(f"doc {index + 1}/{len(docs)}")
-        before = _counters(engine)
-        begin = time.perf_counter()
-        result = engine.generate(
-            doc, mode, text_options, image_options, steps, bar, force_image_after_text=args.force_image_after_text
-        )
-        seconds = time.perf_counter() - begin
+    records: list[dict[str, Any]] = []
+    try:
+        for index, (doc, mode, steps) in enumerate(plans):
+            bar.start(f"doc {index + 1}/{len(docs)}")
+            before = _counters(engine)
+            begin = time.perf_counter()
+            with _naming(args.input, index + 1):
+                result = engine.generate(
+                    doc,
+                    mode,
+                    text_options,
+                    image_options,
+                    steps,
+                    bar,
+                    force_image_after_text=args.force_image_after_text,
+                )
+            seconds = time.perf_counter() - begin
+            bar.close()
+            path = result.to_json(args.out / f"doc-{index:0{width}d}.json")
+            records.append(_record(index, path, mode, seconds, before, _counters(engine), len(doc), len(result)))
+    finally:  # also after an error or an interrupt: the report covers the documents written
         bar.close()
-        path = result.to_json(args.out / f"doc-{index:0{width}d}.json")
-        records.append(_record(index, path, mode, seconds, before, _counters(engine), len(doc), len(result)))
+        _write_report(args, engine, records, load_seconds, text_options, image_options, len(docs))
+    print(args.out)
+    return 0
+
+
+@contextlib.contextmanager
+def _naming(source: Path, number: int) -> Iterator[None]:
+    """Errors of one input document name it: ``<input>: document <number>: <what is wrong>``."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as err:
+        raise type(err)(f"{source}: document {number}: {err}") from None
+
+
+def _write_report(args, engine, records, load_seconds, text_options, image_options, count: int) -> None:
     report = {
         "model": str(args.model) if args.model else "embedded",
         "input": str(args.input),
@@ -159,10 +199,9 @@ def run_generate(args: argparse.Namespace) -> int:
         "image_options": image_options.to_dict(),
         "memory": engine.memory_report(),
         "engine_seconds_per_phase": engine.stats.seconds,
+        "complete": len(records) == count,  # False: generation stopped after these documents (error, interrupt)
     }
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(args.out)
-    return 0
 
 
 def _counters(engine) -> dict[str, float]:

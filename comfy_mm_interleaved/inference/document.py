@@ -358,7 +358,7 @@ class Interleaved:
 
     @classmethod
     def from_official_annotation(
-        cls, source: PathLike | list[dict] | dict, base_dir: PathLike | None = None
+        cls, source: PathLike | list[dict] | dict, base_dir: PathLike | None = None, name: str | None = None
     ) -> list[Interleaved]:
         """Documents of the official demo annotation (``annt.json``: a list of ``{"sentences", "images",
         "sentence_ixs", "image_first"}``; optional ``generate_mode`` / ``num_iter`` go to ``meta``).
@@ -369,7 +369,7 @@ class Interleaved:
         from ..train.documents import BadInput
         from ..train.sources import parse_annotation
 
-        name = "annotation"
+        name = name or "annotation"
         if isinstance(source, str | os.PathLike):
             name = str(source)
             base_dir = Path(source).parent if base_dir is None else base_dir
@@ -419,7 +419,7 @@ def load_documents(path: PathLike) -> list[Interleaved]:
     if path.suffix.lower() != ".jsonl":
         data = _read_json(path)
         if isinstance(data, list) and data and all(_is_annotation(e) for e in data):
-            return Interleaved.from_official_annotation(data, base_dir=path.parent)
+            return Interleaved.from_official_annotation(data, base_dir=path.parent, name=str(path))
         return [Interleaved.from_list(data, base_dir=path.parent, name=str(path))]
     if not path.is_file():
         raise FileNotFoundError(f"document file not found: {path}")

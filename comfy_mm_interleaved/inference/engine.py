@@ -53,7 +53,7 @@ from .memory import GROUPS, Offloader, PeakMemory, Placement, group_modules, res
 from .options import ImageOptions, TextOptions
 from .progress import ProgressCallback, report
 from .sampling import TokenRules, decode
-from .tokens import document_tokens
+from .tokens import DocumentTokens, document_tokens
 
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parents[1] / "embedded"
 TOKENIZER_FOLDER = "tokenizer"
@@ -503,6 +503,35 @@ class InterleavedEngine:
                 "or drop earlier images"
             )
 
+    def _text_prompt(self, doc: Interleaved) -> DocumentTokens:
+        """The tokens of ``doc`` as a text prompt, after the checks that text generation needs."""
+        self._check_document(doc, 0)
+        if doc.ends_with_pending_image:
+            raise ValueError("the document ends with a pending image: generate it first (generate_images)")
+        prompt = document_tokens(doc, self.tokenizer, self.config)
+        self._check_length(len(prompt.ids), 1, "text generation")
+        return prompt
+
+    def _image_prompt(self, doc: Interleaved) -> DocumentTokens:
+        """The tokens of ``doc`` without its pending image, after the checks that drawing its next image needs."""
+        base = doc.without_pending_image()
+        self._check_document(base, 1)
+        prompt = document_tokens(base, self.tokenizer, self.config)
+        self._check_length(len(prompt.ids), 1 + self.config.num_img_token, "an image")
+        return prompt
+
+    def check_can_continue(self, doc: Interleaved, mode: str = "auto") -> None:
+        """Raise the error :meth:`generate` would raise before its first step (an empty document, too many images,
+        no room in the context window), without running the model: to check a batch of documents up front."""
+        if mode not in ("text", "image", "auto"):
+            raise ValueError(f"mode must be 'text', 'image' or 'auto', got {mode!r}")
+        if mode == "image" or (mode == "auto" and doc.ends_with_pending_image):
+            if self.model.image_decoder is None:
+                raise ValueError("this model was loaded without its image decoder, so it cannot draw images")
+            self._image_prompt(doc)
+        else:
+            self._text_prompt(doc)
+
     def _check_length(self, length: int, needed: int, what: str) -> None:
         window = self.config.llm.max_position_embeddings
         if length + needed > window:
@@ -540,11 +569,7 @@ class InterleavedEngine:
         """Continue ``doc`` with text (see :class:`TextOptions`); the document must not end with a pending image."""
         options = options or TextOptions()
         options.validate()
-        self._check_document(doc, 0)
-        if doc.ends_with_pending_image:
-            raise ValueError("the document ends with a pending image: generate it first (generate_images)")
-        prompt = document_tokens(doc, self.tokenizer, self.config)
-        self._check_length(len(prompt.ids), 1, "text generation")
+        prompt = self._text_prompt(doc)
         budget = min(options.max_new_tokens, self.config.llm.max_position_embeddings - len(prompt.ids))
         encoded = self._encode_parts(prompt.images, progress)
         with self._guard(), self._phase("text"):
@@ -623,10 +648,8 @@ class InterleavedEngine:
         options = options or ImageOptions()
         options.validate(image_decoder.config.image_size)
         base = doc.without_pending_image()
-        self._check_document(base, 1)
-        prompt = document_tokens(base, self.tokenizer, self.config)
+        prompt = self._image_prompt(doc)
         tokens = self.config.special_tokens
-        self._check_length(len(prompt.ids), 1 + self.config.num_img_token, "an image")
         ids = prompt.ids + [tokens.boi_token_id]
         encoded = self._encode_parts(prompt.images, progress)
         with self._guard(), self._phase("text"):

@@ -85,18 +85,35 @@ class Placement:
         }
 
 
+def usable_device(value: str | torch.device) -> torch.device:
+    """``value`` as a ``torch.device`` that this machine has; a clear error for a misspelt or absent device."""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {value!r} ({err}); use e.g. 'cpu', 'cuda' or 'cuda:1'") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {value!r}: torch sees no CUDA GPU on this machine; use 'cpu'")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {value!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {value!r}: MPS is not available on this machine; use 'cpu'")
+    return device
+
+
 def _group_devices(device: str | torch.device | Mapping[str, str | torch.device] | None) -> dict[str, torch.device]:
     if device is None:
         return dict.fromkeys(GROUPS, default_device())
     if not isinstance(device, Mapping):
-        return dict.fromkeys(GROUPS, torch.device(device))
+        return dict.fromkeys(GROUPS, usable_device(device))
     chosen: dict[str, dict[str, torch.device]] = {g: {} for g in GROUPS}
     for key, value in device.items():
         if key in GROUPS:
             for member in GROUPS[key]:
-                chosen[key][member] = torch.device(value)
+                chosen[key][member] = usable_device(value)
         elif key in COMPONENTS:
-            chosen[group_of(key)][key] = torch.device(value)
+            chosen[group_of(key)][key] = usable_device(value)
         else:
             raise ValueError(
                 f"unknown device-map key {key!r}; use a group {list(GROUPS)} or a component {list(COMPONENTS)}"

@@ -324,6 +324,11 @@ def parse_annotation(raw: Any, rng: random.Random, opts: dict[str, Any]) -> Docu
     image_first = record.get("image_first", [False] * len(images))
     if not (len(images) == len(sentence_ixs) == len(image_first)):
         raise BadInput("malformed_record", "images, sentence_ixs and image_first differ in length")
+    for k, ix in enumerate(sentence_ixs):  # an image placed at no sentence would silently vanish
+        if not isinstance(ix, int) or isinstance(ix, bool) or not 0 <= ix < len(sentences):
+            raise BadInput(
+                "malformed_record", f"sentence_ixs[{k}] = {ix!r} is not a sentence index (0 to {len(sentences) - 1})"
+            )
     segments: list[Segment] = []
     for i, sentence in enumerate(sentences):
         mine = [k for k, ix in enumerate(sentence_ixs) if ix == i]
