@@ -191,7 +191,7 @@ def msda_forward_kernel(
                 next_weight, next_x, next_y = _level_metadata(
                     attn_ptr, loc_ptr, meta + (level + 1) * P, row_ok & (level + 1 < level_end), CDT
                 )
-                if tl.max(tl.abs(weight), axis=0) > 0:  # exact skip: taps with weight 0 add exactly 0
+                if tl.max((weight != 0.0).to(tl.int32), axis=0) > 0:  # exact skip of all-zero levels (NaN is not zero)
                     acc += sample_level(
                         v_ptr, x, y, weight, height, width, start, stride_pix, d_offs, d_ok, row_ok & (weight != 0.0),
                         CDT,
@@ -204,7 +204,7 @@ def msda_forward_kernel(
                 height, width, start = _level_table(shapes_ptr, starts_ptr, level)
                 offs = meta + level * P
                 weight = tl.load(attn_ptr + offs, mask=row_ok, other=0.0).to(CDT)
-                if tl.max(tl.abs(weight), axis=0) > 0:  # exact skip: taps with weight 0 add exactly 0
+                if tl.max((weight != 0.0).to(tl.int32), axis=0) > 0:  # exact skip of all-zero levels (NaN is not zero)
                     x = tl.load(loc_ptr + 2 * offs, mask=row_ok, other=0.0).to(CDT)
                     y = tl.load(loc_ptr + 2 * offs + 1, mask=row_ok, other=0.0).to(CDT)
                     acc += sample_level(

@@ -20,6 +20,7 @@ from comfy_mm_interleaved.ops.cases import (
     causal_image_visibility,
     level_tables,
     mask_invisible_images,
+    non_finite_points,
     random_case,
     reference_with_grads,
     relative_l2,
@@ -86,6 +87,30 @@ def test_kernel_masked_images_contribute_exactly_zero() -> None:
     poisoned[:, padding] = float("nan")
     out_poisoned = ms_deform_attn(poisoned, *case.args()[1:])
     assert torch.equal(out_poisoned, out)
+
+
+def test_kernel_non_finite_points_read_nothing_and_nan_weights_propagate() -> None:
+    """As the official kernel and the gather fallback: a NaN or infinite location is off the map (zero output and
+    gradients), while NaN attention weights of points on the map give NaN (a level whose weights are all NaN is not
+    skipped as if they were zero)."""
+    case = random_case(2, 5, 2, 3, [(4, 5), (2, 3)], 3, dtype=torch.float64, seed=11, device=DEVICE)
+    poisoned, far = non_finite_points(case)
+    for name, got, want in zip(
+        ("output", "grad_value", "grad_loc", "grad_attn"), run_op(poisoned), reference_with_grads(far)
+    ):
+        assert bool(torch.isfinite(got).all()), name
+        assert_close(got.cpu(), want, 1e-10, name)
+    weights = case.attention_weights.clone()
+    weights[0, :, 1, 0, :] = float("nan")  # head 1 of batch 0: every point of level 0, for every query
+    nan_case = MSDACase(
+        case.value, case.spatial_shapes, case.level_start_index, case.sampling_locations, weights, case.grad_output
+    )
+    out = ms_deform_attn(*nan_case.args()).cpu()
+    channels = case.value.shape[-1]
+    expected = reference_with_grads(nan_case)[0]
+    assert bool(out[0, :, channels : 2 * channels].isnan().all()) and torch.equal(out.isnan(), expected.isnan())
+    keep = ~expected.isnan()
+    assert_close(out[keep], expected[keep], 1e-10, "output beside the NaN weights")
 
 
 def test_kernel_gradcheck_float64() -> None:

@@ -12,7 +12,7 @@ from comfy_mm_interleaved.ops import (
     ms_deform_attn_reference,
 )
 from comfy_mm_interleaved.ops.backend import backend_for
-from comfy_mm_interleaved.ops.cases import MSDACase, level_tables, random_case, reference_with_grads
+from comfy_mm_interleaved.ops.cases import MSDACase, level_tables, non_finite_points, random_case, reference_with_grads
 from conftest import assert_close, load_case
 
 CASES = {
@@ -59,6 +59,30 @@ def test_ops_gather_far_out_locations() -> None:
             ("output", "grad_value", "grad_loc", "grad_attn"), run(mixed), reference_with_grads(mixed)
         ):
             assert_close(got, want, 1e-10, label)
+
+
+def test_ops_gather_non_finite_points_read_nothing_and_nan_weights_propagate() -> None:
+    """A NaN or infinite location is off the map (as in the official kernel): zero output, zero gradients, no NaN
+    in grad_value; a NaN attention weight of a point on the map makes its output NaN."""
+    case = random_case(2, 5, 2, 3, [(4, 5), (2, 3)], 3, dtype=torch.float64, seed=11)
+    poisoned, far = non_finite_points(case)
+    for label, got, want in zip(
+        ("output", "grad_value", "grad_loc", "grad_attn"), run(poisoned), reference_with_grads(far)
+    ):
+        assert bool(torch.isfinite(got).all()), label
+        assert_close(got, want, 1e-10, label)
+    weights = case.attention_weights.clone()
+    weights[0, :, 1, 0, :] = float("nan")  # head 1 of batch 0: every point of level 0, for every query
+    nan_case = MSDACase(
+        case.value, case.spatial_shapes, case.level_start_index, case.sampling_locations, weights, case.grad_output
+    )
+    out = run(nan_case)[0]
+    channels = case.value.shape[-1]
+    assert bool(out[0, :, channels : 2 * channels].isnan().all())
+    expected = reference_with_grads(nan_case)[0]
+    keep = ~expected.isnan()
+    assert int(keep.sum()) == out.numel() - out.shape[1] * channels and torch.equal(keep, ~out.isnan())
+    assert_close(out[keep], expected[keep], 1e-10, "output beside the NaN weights")
 
 
 def test_ops_gather_gradcheck_float64() -> None:
@@ -162,7 +186,12 @@ def _bad_inputs():
         ("wrong starts", replace(2, lambda t: t.flip(0)), ValueError, "running sum"),
         ("empty level", replace(1, lambda t: t * torch.tensor([[1, 1], [0, 1]])), ValueError, "H, W >= 1"),
         ("device mismatch", replace(2, lambda t: t.to("meta")), ValueError, "one device"),
-    ]
+        ("no level", lambda a: (a[0][:, :0].contiguous(), a[1][:0], a[2][:0], a[3][:, :, :, :0].contiguous(),
+                               a[4][:, :, :, :0].contiguous()), ValueError, "spatial_shapes has no level"),
+        ("no point", lambda a: (*a[:3], a[3][:, :, :, :, :0].contiguous(), a[4][..., :0].contiguous()), ValueError,
+         "no sampling point per level"),
+        ("no channel", replace(0, lambda v: v[..., :0].contiguous()), ValueError, "no channels per head"),
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(

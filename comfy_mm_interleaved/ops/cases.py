@@ -100,6 +100,26 @@ def mask_invisible_images(case: MSDACase, visible: torch.Tensor, levels_per_imag
     )
 
 
+def non_finite_points(case: MSDACase) -> tuple[MSDACase, MSDACase]:
+    """``case`` with three sampling points at (NaN, y), (+inf, y) and (x, -inf), and the same case with those points
+    far off the map instead. The op treats a non-finite point as off the map, as the official kernel does (its
+    bounds test is false for NaN): the oracle of the first case is ``reference_with_grads`` of the second."""
+    poisoned, far = case.sampling_locations.clone(), case.sampling_locations.clone()
+    flat_poisoned, flat_far = poisoned.view(-1, 2), far.view(-1, 2)
+    points = flat_poisoned.shape[0]
+    for k, (index, axis, bad) in enumerate(((0, 0, float("nan")), (points // 2, 0, float("inf")),
+                                            (points - 1, 1, float("-inf")))):  # fmt: skip
+        flat_poisoned[index, axis] = bad
+        flat_far[index] = -10.0 - k
+
+    def with_locations(loc: torch.Tensor) -> MSDACase:
+        return MSDACase(
+            case.value, case.spatial_shapes, case.level_start_index, loc, case.attention_weights, case.grad_output
+        )
+
+    return with_locations(poisoned), with_locations(far)
+
+
 def reference_with_grads(case: MSDACase) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The ``grid_sample`` oracle in float64 on the CPU: (output, grad_value, grad_locations, grad_weights)."""
     from .reference import ms_deform_attn_reference

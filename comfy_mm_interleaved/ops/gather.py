@@ -129,13 +129,14 @@ def bilinear_taps(
         batch_shape, head_shape = (n, 1, 1, 1, 1), (m, 1, 1)
     heights = layout.per_level(spatial_shapes[:, 0].to(index))
     widths = layout.per_level(spatial_shapes[:, 1].to(index))
-    x = loc[..., 0] * widths.to(dtype) - 0.5  # pixel coordinates
-    y = loc[..., 1] * heights.to(dtype) - 0.5
+    # pixel coordinates, clamped to [-2, size]: far-out and non-finite points (NaN, inf) get four corners off the
+    # map, so they add exactly 0 with finite weights, as the official kernel skips them, and the integer conversion
+    # stays small; the clamp changes no point with a corner on the map
+    x = (loc[..., 0] * widths.to(dtype) - 0.5).nan_to_num(nan=-2.0).clamp(min=-2.0).minimum(widths.to(dtype))
+    y = (loc[..., 1] * heights.to(dtype) - 0.5).nan_to_num(nan=-2.0).clamp(min=-2.0).minimum(heights.to(dtype))
     x0, y0 = x.floor(), y.floor()
     fx, fy = x - x0, y - y0
-    # far-out points: clamping keeps both corners outside and the integer conversion small (NaN stays outside)
-    ix = x0.clamp(min=-2).minimum(widths.to(dtype)).to(index)
-    iy = y0.clamp(min=-2).minimum(heights.to(dtype)).to(index)
+    ix, iy = x0.to(index), y0.to(index)
     in_x0, in_x1 = (ix >= 0) & (ix < widths), (ix >= -1) & (ix < widths - 1)
     in_y0, in_y1 = (iy >= 0) & (iy < heights), (iy >= -1) & (iy < heights - 1)
     inside = layout.stack_corners([in_x0 & in_y0, in_x1 & in_y0, in_x0 & in_y1, in_x1 & in_y1])

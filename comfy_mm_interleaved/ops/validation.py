@@ -42,9 +42,15 @@ def check_msda_inputs(
     _check_rank("sampling_locations", sampling_locations, 6, "[N, Lq, M, L, P, 2]")
     _check_rank("attention_weights", attention_weights, 5, "[N, Lq, M, L, P]")
 
-    n, _, m, _ = value.shape
+    n, _, m, d = value.shape
     n_levels = spatial_shapes.shape[0]
     _require(spatial_shapes.shape[1] == 2, f"spatial_shapes must be [L, 2] (H, W), got {tuple(spatial_shapes.shape)}")
+    _require(n_levels >= 1, "spatial_shapes has no level: the op samples at least one feature map")
+    _require(d >= 1, f"value has no channels per head (D = 0, shape {tuple(value.shape)})")
+    _require(
+        sampling_locations.dim() < 5 or sampling_locations.shape[4] >= 1,
+        f"sampling_locations has no sampling point per level (P = 0, shape {tuple(sampling_locations.shape)})",
+    )
     _require(
         level_start_index.shape[0] == n_levels,
         f"level_start_index has {level_start_index.shape[0]} entries but spatial_shapes has {n_levels} levels",
