@@ -196,8 +196,10 @@ def test_coco_t2i_end_to_end_clip_reranking_resume(eval_model_dir, coco, incepti
         "--inception", str(inception_file), "--clip", str(clip_dir), "--samples", "2", "--limit", "3", *STEPS,
     ]  # fmt: skip
     assert main(command) == 0
+    assert "gives 4 captions, fewer than --total 30000" in capsys.readouterr().err  # 4 captioned images here
     report = _read(out / "report.json")
     assert report["benchmark"] == "coco-t2i" and report["n_fake"] == 3 and report["n_real"] == 3
+    assert report["settings"]["benchmark_size"] == 4 and report["settings"]["total"] == 30_000
     assert math.isfinite(report["fid"]) and report["fid"] > 0  # two different image sets
     assert report["kid_subset_size"] == 3 and report["kid_std"] == pytest.approx(0.0, abs=1e-9)
     sampling = report["settings"]["sampling"]

@@ -522,7 +522,14 @@ def run_benchmark(args: argparse.Namespace) -> int:
     benchmark = BENCHMARKS[args.task]
     samples = _samples(args)
     annotations = find_file(args.annotations, args.data, benchmark.annotation_names, "captions file", "--annotations")
-    captions = first_items(benchmark.read_captions(annotations, args.total, args.seed, args.selection), args.limit)
+    benchmark_captions = benchmark.read_captions(annotations, args.total, args.seed, args.selection)
+    if len(benchmark_captions) < args.total:  # a short annotations file: the benchmark is smaller than its name says
+        print(
+            f"warning: {annotations} gives {len(benchmark_captions)} captions, fewer than --total {args.total}; "
+            "the scores are of that smaller set (report: settings.benchmark_size)",
+            file=sys.stderr,
+        )
+    captions = first_items(benchmark_captions, args.limit)
     images = image_folder(args.images, args.data, benchmark.image_folders)
     real = None if args.images_only else real_images(captions, images, benchmark)  # checked before generating
     _set_threads(args)
@@ -553,6 +560,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         "settings": {
             **run.settings,
             "limit": args.limit,
+            "benchmark_size": len(benchmark_captions),  # --total, or fewer when the annotations hold fewer
             "n_captions": len(captions),
             "images": str(images.resolve()),
             "device": str(_device(args)),
