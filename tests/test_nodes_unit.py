@@ -331,23 +331,22 @@ def test_generate_image_outputs_comfy_images_and_extends_the_context(comfyui, mo
     assert [v for v, t in progress_events if t == 3] == [1, 2, 3]
 
 
+def run_interleaved(comfyui, model, doc: Interleaved, max_segments: int, steps: int, widgets: dict) -> tuple:
+    """*Generate interleaved (auto)* with an image asked for after every text, no guidance, seed 1: (images, text,
+    context)."""
+    node = comfyui.nodes["MMI_GenerateInterleaved"]
+    outputs = run(
+        node, model=model, context=doc, max_segments=max_segments, image_after_text=True, steps=steps, guidance=1.0,
+        scheduler="ddpm", image_seed=1, **widgets,
+    )  # fmt: skip
+    return outputs[0], outputs[1], outputs[2]
+
+
 def test_generate_interleaved_returns_new_images_text_and_context(comfyui, model) -> None:
     doc = Interleaved([red_square(), "a small red circle at top left."])
     size = model.engine.config.image_decoder.image_size
     widgets = text_widgets(max_new_tokens=4, min_new_tokens=4)  # the text can neither end nor ask for an image early
-    outputs = run(
-        comfyui.nodes["MMI_GenerateInterleaved"],
-        model=model,
-        context=doc,
-        max_segments=4,
-        image_after_text=True,
-        steps=2,
-        guidance=1.0,
-        scheduler="ddpm",
-        image_seed=1,
-        **widgets,
-    )
-    images, text, extended = outputs[0], outputs[1], outputs[2]
+    images, text, extended = run_interleaved(comfyui, model, doc, max_segments=4, steps=2, widgets=widgets)
     new = extended.segments[len(doc) :]
     assert [type(s).__name__ for s in new] == ["TextPart", "ImagePart", "TextPart", "ImagePart"]
     assert images.shape == (2, size, size, 3)
@@ -472,19 +471,9 @@ def test_interleaved_without_a_new_image_blocks_only_its_images_output(comfyui, 
     from comfy_execution.graph_utils import ExecutionBlocker
 
     doc = Interleaved([red_square(), "a small red circle at top left."])
-    outputs = run(
-        comfyui.nodes["MMI_GenerateInterleaved"],
-        model=model,
-        context=doc,
-        max_segments=1,  # one text segment, no room for an image
-        image_after_text=True,
-        steps=1,
-        guidance=1.0,
-        scheduler="ddpm",
-        image_seed=1,
-        **text_widgets(max_new_tokens=3, min_new_tokens=3),
-    )
-    images, text, extended = outputs[0], outputs[1], outputs[2]
+    widgets = text_widgets(max_new_tokens=3, min_new_tokens=3)
+    # one text segment, no room for an image
+    images, text, extended = run_interleaved(comfyui, model, doc, max_segments=1, steps=1, widgets=widgets)
     # ComfyUI skips the nodes fed by a blocked output silently (message None) instead of passing an empty batch
     assert isinstance(images, ExecutionBlocker) and images.message is None
     assert len(extended) == len(doc) + 1 and text == extended.segments[-1].text.strip()
