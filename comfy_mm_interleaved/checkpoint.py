@@ -201,7 +201,27 @@ def _unshare_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 def _is_our_folder(folder: Path) -> bool:
-    return (folder / INDEX_FILE).is_file() or (folder / CONFIG_FILE).is_file()
+    """A model folder this library wrote: its index or its config.json carries our format name (a Hugging Face or
+    official folder, which also has a config.json, is not one)."""
+    for name, key in ((INDEX_FILE, "format"), (CONFIG_FILE, FORMAT_KEY)):
+        try:
+            data = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        entry = data.get(key) if isinstance(data, dict) else None
+        if entry == FORMAT_NAME or (isinstance(entry, dict) and entry.get("name") == FORMAT_NAME):
+            return True
+    return False
+
+
+def _written_files(folder: Path) -> set[str]:
+    """The entries of a model folder that a save writes (the rest, e.g. ``tokenizer/``, belongs to the user)."""
+    names = {CONFIG_FILE, INDEX_FILE}
+    try:
+        names |= set(json.loads((folder / INDEX_FILE).read_text()).get("files", {}))
+    except (OSError, ValueError, AttributeError):
+        pass
+    return names
 
 
 def _check_destination(folder: Path, overwrite: bool) -> None:
@@ -209,11 +229,13 @@ def _check_destination(folder: Path, overwrite: bool) -> None:
         raise CheckpointError(f"{folder} exists and is not a folder; choose another destination")
     if folder.is_dir() and any(folder.iterdir()):
         if not overwrite:
-            raise CheckpointError(f"{folder} already exists and is not empty; choose a new folder or pass overwrite")
+            raise CheckpointError(
+                f"{folder} already exists and is not empty; choose a new folder or pass --overwrite (overwrite=True)"
+            )
         if not _is_our_folder(folder):
             raise CheckpointError(
-                f"refusing to overwrite {folder}: it is not an MM-Interleaved model folder (no {INDEX_FILE} or "
-                f"{CONFIG_FILE}); choose an empty or new folder"
+                f"refusing to overwrite {folder}: it is not a model folder written by {FORMAT_NAME} (neither its "
+                f"{INDEX_FILE} nor its {CONFIG_FILE} names that format); choose an empty or new folder"
             )
 
 
@@ -326,6 +348,11 @@ class CheckpointWriter:
     def _move_into_place(self) -> None:
         old = None
         if self.folder.exists():
+            # what the user added to the old folder (tokenizer/, notes, ...) moves into the new one
+            written = _written_files(self.folder)
+            for entry in self.folder.iterdir():
+                if entry.name not in written and not (self.tmp / entry.name).exists():
+                    os.replace(entry, self.tmp / entry.name)
             old = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.old-", dir=self.folder.parent))
             os.replace(self.folder, old / "model")
         os.replace(self.tmp, self.folder)
@@ -392,8 +419,11 @@ def read_index(folder: str | Path) -> dict[str, Any]:
         index = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path} is not valid JSON ({err}); {_RECONVERT}") from None
-    if index.get("format") != FORMAT_NAME or not isinstance(index.get("weight_map"), dict):
+    if not isinstance(index, dict) or index.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path} is not a {FORMAT_NAME} index; {_RECONVERT}")
+    for key in ("weight_map", "files", "components"):
+        if not isinstance(index.get(key), dict):
+            raise CheckpointError(f"{path} has no valid '{key}' table (a damaged index); {_RECONVERT}")
     if index.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has format version {index['format_version']}, newer than this library supports "
@@ -541,10 +571,13 @@ def check_tensor_specs(
     expected: Mapping[str, TensorSpec],
     source: str,
     fix: str,
+    dtypes: Mapping[str, torch.dtype] | None = None,
 ) -> None:
-    """Raise a ``CheckpointError`` listing missing, unexpected and mis-shaped tensors of ``source``.
+    """Raise a ``CheckpointError`` listing missing, unexpected, mis-shaped and mis-typed tensors of ``source``.
 
-    ``actual`` maps keys to shapes (``None``: only the key is known yet, e.g. from an index file).
+    ``actual`` maps keys to shapes (``None``: only the key is known yet, e.g. from an index file); ``dtypes``, when
+    known, their dtypes: a floating tensor where the model has an integer one (or the reverse) is refused, since a
+    cast would not make it right (precision differences are fine: they are cast on load).
     """
     missing = sorted(set(expected) - set(actual))
     unexpected = sorted(set(actual) - set(expected))
@@ -553,15 +586,24 @@ def check_tensor_specs(
         for k in set(actual) & set(expected)
         if actual[k] is not None and tuple(actual[k]) != tuple(expected[k][0])
     )
-    if not (missing or unexpected or misshaped):
+    mistyped = sorted(
+        f"{k} {dtype_name(dtype)} (expected {dtype_name(expected[k][1])})"
+        for k, dtype in (dtypes or {}).items()
+        if k in expected and dtype.is_floating_point != expected[k][1].is_floating_point
+    )
+    if not (missing or unexpected or misshaped or mistyped):
         return
-    problems = [f"{source} does not match the model built from the config:"]
+    problems = [f"{source}: the tensors do not match the model built from the config:"]
     if missing:
         problems.append(f"  {len(missing)} missing tensor(s): {format_list(missing)}")
     if unexpected:
         problems.append(f"  {len(unexpected)} unexpected tensor(s): {format_list(unexpected)}")
     if misshaped:
         problems.append(f"  {len(misshaped)} tensor(s) with the wrong shape: {format_list(misshaped, 6)}")
+    if mistyped:
+        problems.append(
+            f"  {len(mistyped)} tensor(s) of the wrong kind (integer vs floating point): {format_list(mistyped, 6)}"
+        )
     sizes = describe_size_differences(actual, {k: shape for k, (shape, _) in expected.items()})
     if sizes:
         problems.append("  sizes that differ: " + "; ".join(sizes))
@@ -621,8 +663,10 @@ def from_pretrained(
     target = parse_dtype(dtype)
     model = build_empty_model(config, chosen)
     expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items() if component_of(k) in set(chosen)}
-    actual = {k: shape for k, (shape, _) in read_tensor_specs(folder, chosen).items()}
-    check_tensor_specs(actual, expected, f"model folder {folder}", f"the weights do not fit config.json; {_RECONVERT}")
+    specs = read_tensor_specs(folder, chosen)
+    actual, dtypes = {k: shape for k, (shape, _) in specs.items()}, {k: dtype for k, (_, dtype) in specs.items()}
+    fix = f"the weights do not fit config.json; {_RECONVERT}"
+    check_tensor_specs(actual, expected, f"model folder {folder}", fix, dtypes)
     state_dict = load_state_dict_from_folder(folder, chosen, dtype=target, device=device)
     model.load_state_dict(state_dict, strict=components is None, assign=True)
     _move_non_persistent_buffers(model, chosen, device)

@@ -91,8 +91,8 @@ def _convert_arguments(parser: argparse.ArgumentParser) -> None:
 def _convert(args: argparse.Namespace) -> int:
     from .convert import convert_official
 
-    if args.max_shard_gib <= 0:
-        raise ValueError(f"--max-shard-gib must be positive, got {args.max_shard_gib}")
+    if not 0 < args.max_shard_gib < 2**20:  # also refuses nan and inf
+        raise ValueError(f"--max-shard-gib must be a positive number of GiB, got {args.max_shard_gib}")
     convert_official(
         args.src,
         args.dst,

@@ -71,6 +71,10 @@ def read_official_index(src: str | Path) -> dict[str, str]:
             weight_map = json.loads(index_path.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise CheckpointError(f"{index_path} is not a valid weights index ({err!r}); {_REDOWNLOAD}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(
+                f"{index_path}: 'weight_map' must map each tensor name to a shard file name; {_REDOWNLOAD}"
+            )
         missing_files = sorted({f for f in weight_map.values() if not (src / f).is_file()})
         if missing_files:
             raise CheckpointError(f"{index_path} lists shard(s) missing from {src}: {format_list(missing_files)}")
@@ -104,9 +108,9 @@ def load_config_file(path: str | Path) -> MMInterleavedConfig:
     return MMInterleavedConfig.from_dict(data)
 
 
-def _shard_shapes(src: Path, shards: list[str], weight_map: dict[str, str]) -> dict[str, tuple[int, ...]]:
-    """Shapes of every tensor of every shard (memory mapped: only the pickles' metadata is read)."""
-    shapes = {}
+def _shard_specs(src: Path, shards: list[str], weight_map: dict[str, str]) -> dict[str, TensorSpec]:
+    """Shape and dtype of every tensor of every shard (memory mapped: only the pickles' metadata is read)."""
+    specs = {}
     for shard in shards:
         state_dict = load_pickled_state_dict(src / shard)
         listed = {k for k, f in weight_map.items() if f == shard}
@@ -116,9 +120,9 @@ def _shard_shapes(src: Path, shards: list[str], weight_map: dict[str, str]) -> d
                 f"{format_list(sorted(listed - set(state_dict)))}; extra: "
                 f"{format_list(sorted(set(state_dict) - listed))}); {_REDOWNLOAD}"
             )
-        shapes.update({k: tuple(v.shape) for k, v in state_dict.items()})
+        specs.update({k: (tuple(v.shape), v.dtype) for k, v in state_dict.items()})
         del state_dict
-    return shapes
+    return specs
 
 
 def convert_official(
@@ -145,7 +149,9 @@ def convert_official(
         expected: dict[str, TensorSpec] = expected_tensor_specs(config)
         fix = "pass --config with the config this checkpoint was trained with (our config.json or tiny_config.json)"
         check_tensor_specs(dict.fromkeys(weight_map), expected, f"the index {src / OFFICIAL_INDEX}", fix)
-        check_tensor_specs(_shard_shapes(src, shards, weight_map), expected, f"the shards in {src}", fix)
+        specs = _shard_specs(src, shards, weight_map)
+        shapes, dtypes = {k: shape for k, (shape, _) in specs.items()}, {k: dtype for k, (_, dtype) in specs.items()}
+        check_tensor_specs(shapes, expected, f"the shards in {src}", fix, dtypes)
         for number, shard in enumerate(shards, 1):
             log(f"[{number}/{len(shards)}] converting {shard}")
             state_dict = load_pickled_state_dict(src / shard)

@@ -175,6 +175,17 @@ def test_file_not_matching_the_index(saved):
         load_state_dict_from_folder(saved)
 
 
+def test_damaged_index_tables(saved):
+    index = read_index(saved)
+    for key, damaged in (("files", None), ("components", []), ("weight_map", ["a", "b"])):
+        (saved / INDEX_FILE).write_text(json.dumps({**index, key: damaged}))
+        with pytest.raises(CheckpointError, match=f"has no valid '{key}' table.*re-convert"):
+            load_state_dict_from_folder(saved)
+    (saved / INDEX_FILE).write_text(json.dumps(["not", "an", "index"]))
+    with pytest.raises(CheckpointError, match="is not a comfy_mm_interleaved index"):
+        read_index(saved)
+
+
 def test_failed_save_leaves_nothing(tmp_path, reference, tiny_config):
     broken = dict(reference)
     last_vae_key = [k for k in reference if component_of(k) == COMPONENTS[-1]][-1]
@@ -187,18 +198,27 @@ def test_failed_save_leaves_nothing(tmp_path, reference, tiny_config):
 def test_existing_destination(tmp_path, reference, tiny_config, saved):
     with pytest.raises(CheckpointError, match="already exists"):
         save_pretrained(reference, saved, config=tiny_config)
-    stale = saved / "stale.txt"
-    stale.write_text("from the previous model")
-    save_pretrained(reference, saved, config=tiny_config, dtype="float16", overwrite=True)
-    assert not stale.exists() and read_index(saved)["dtype"] == "float16"
+    # what the user added (tokenizer/, notes) stays; the weights, config and index are replaced
+    (saved / "tokenizer").mkdir()
+    (saved / "tokenizer" / "tokenizer.json").write_text("{}")
+    (saved / "notes.txt").write_text("mine")
+    old_files = set(read_index(saved)["files"])
+    save_pretrained(reference, saved, config=tiny_config, dtype="float16", overwrite=True, max_shard_bytes=2**16)
+    index = read_index(saved)
+    assert index["dtype"] == "float16" and set(index["files"]) != old_files  # smaller shards: other file names
+    names = {p.name for p in saved.iterdir()}
+    assert names == {"config.json", "weights_index.json", "tokenizer", "notes.txt", *index["files"]}
+    assert (saved / "tokenizer" / "tokenizer.json").read_text() == "{}" and (saved / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in saved.parent.iterdir()) == [saved.name]
 
-    other = tmp_path / "not_a_model"
-    other.mkdir()
-    (other / "notes.txt").write_text("keep me")
-    with pytest.raises(CheckpointError, match="not an MM-Interleaved model folder"):
-        save_pretrained(reference, other, config=tiny_config, overwrite=True)
-    assert (other / "notes.txt").read_text() == "keep me"
+    for name, files in (("not_a_model", {"notes.txt": "keep me"}), ("hf_model", {"config.json": "{}", "x.bin": "w"})):
+        other = tmp_path / name  # a plain folder, or another library's model folder (it has a config.json too)
+        other.mkdir()
+        for file, text in files.items():
+            (other / file).write_text(text)
+        with pytest.raises(CheckpointError, match="not a model folder written by comfy_mm_interleaved"):
+            save_pretrained(reference, other, config=tiny_config, overwrite=True)
+        assert {p.name: p.read_text() for p in other.iterdir()} == files
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -223,7 +243,7 @@ def test_check_tensor_specs_lists_every_problem(reference):
     with pytest.raises(CheckpointError) as info:
         check_tensor_specs(actual, expected, "folder X", "do Y")
     message = str(info.value)
-    assert "folder X does not match" in message
+    assert "folder X: the tensors do not match" in message
     assert f"1 missing tensor(s): {missing}" in message
     assert "1 unexpected tensor(s): mm_decoder.lm_head.weight" in message
     assert f"{norm} [{hidden + 1}] (expected [{hidden}])" in message
@@ -258,7 +278,7 @@ def test_from_pretrained_lists_what_does_not_fit(tmp_path, reference, tiny_confi
     with pytest.raises(CheckpointError) as info:
         from_pretrained(folder)
     message = str(info.value)
-    assert f"model folder {folder} does not match the model built from the config" in message
+    assert f"model folder {folder}: the tensors do not match the model built from the config" in message
     assert f"1 missing tensor(s): {missing}" in message
     assert "1 unexpected tensor(s): mm_decoder.extra.weight" in message
     assert f"{misshaped} [{size + 1}] (expected [{size}])" in message

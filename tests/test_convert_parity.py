@@ -131,7 +131,7 @@ def test_convert_rejects_the_wrong_config(tmp_path, reference):
         convert_official(golden_dir() / OFFICIAL_TINY, tmp_path / "model", dtype="float32")
     message = str(info.value)
     layers = len({k.split(".")[2] for k in reference if k.startswith("mm_decoder.layers.")})
-    assert f"index {golden_dir() / OFFICIAL_TINY / OFFICIAL_INDEX} does not match" in message
+    assert f"index {golden_dir() / OFFICIAL_TINY / OFFICIAL_INDEX}: the tensors do not match" in message
     assert "missing tensor(s)" in message and "--config" in message
     big_layers = MMInterleavedConfig.official_13b().llm.num_hidden_layers
     assert f"llm.num_hidden_layers: checkpoint {layers}, config {big_layers}" in message
@@ -163,6 +163,25 @@ def test_convert_rejects_misshaped_tensors(tmp_path, reference, tiny_config):
     assert not (tmp_path / "model").exists()
 
 
+def test_convert_rejects_tensors_of_the_wrong_kind(tmp_path, reference, tiny_config):
+    """An integer tensor where the model has a floating one: refused before any file is written (a cast would
+    not make it right); another float precision is fine (cast on conversion)."""
+    src = _copy_release(tmp_path)
+    index = json.loads((src / OFFICIAL_INDEX).read_text())
+    key = "mm_decoder.norm.weight"
+    shard = src / index["weight_map"][key]
+    state = torch.load(shard, weights_only=True)
+    state[key] = torch.ones(reference[key].shape, dtype=torch.int32)
+    torch.save(state, shard)
+    with pytest.raises(CheckpointError, match=rf"wrong kind \(integer vs floating point\): {key} int32"):
+        convert_official(src, tmp_path / "model", config=tiny_config)
+    assert not (tmp_path / "model").exists()
+    state[key] = reference[key].to(torch.float16)
+    torch.save(state, shard)
+    model = convert_official(src, tmp_path / "model", config=tiny_config, dtype="float32")
+    assert torch.equal(from_pretrained(model).state_dict()[key], reference[key].to(torch.float16).float())
+
+
 def test_convert_rejects_broken_releases(tmp_path, tiny_config):
     with pytest.raises(CheckpointError, match="does not exist"):
         convert_official(tmp_path / "nowhere", tmp_path / "model", config=tiny_config)
@@ -179,6 +198,11 @@ def test_convert_rejects_broken_releases(tmp_path, tiny_config):
     shards[-1].unlink()
     with pytest.raises(CheckpointError, match=f"lists shard\\(s\\) missing.*{shards[-1].name}"):
         convert_official(src, tmp_path / "model", config=tiny_config)
+    index = json.loads((src / OFFICIAL_INDEX).read_text())
+    for weight_map in (list(index["weight_map"]), {**index["weight_map"], "soi_token": 3}):
+        (src / OFFICIAL_INDEX).write_text(json.dumps({**index, "weight_map": weight_map}))
+        with pytest.raises(CheckpointError, match="'weight_map' must map each tensor name to a shard file name"):
+            convert_official(src, tmp_path / "model", config=tiny_config)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "release"]
 
 

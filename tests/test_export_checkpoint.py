@@ -67,6 +67,18 @@ def test_export_averages_checkpoints_and_applies_overrides(run, tmp_path: Path) 
     assert report["overrides"] == ["image_context_layer=1"] and report["base"] == str(base)
 
 
+def test_export_into_its_own_base_folder_keeps_the_tokenizer(run, tmp_path: Path) -> None:
+    base, checkpoints = run
+    own = tmp_path / "own"
+    shutil.copytree(base, own)
+    arguments = [str(checkpoints[-1]), "--base", str(own), "--out", str(own), "--overwrite"]
+    assert main(["export-checkpoint", *arguments]) == 0
+    assert (own / "tokenizer" / "tokenizer.json").read_bytes() == (base / "tokenizer" / "tokenizer.json").read_bytes()
+    exported = from_pretrained(own).state_dict()
+    last = load_file(str(checkpoints[-1] / "model.safetensors"))
+    assert all(torch.equal(exported[name], last[name]) for name in last if name in exported)
+
+
 def test_export_with_an_override_that_adds_weights_keeps_their_initialisation(run, tmp_path: Path) -> None:
     base, checkpoints = run
     out = tmp_path / "gated"

@@ -114,8 +114,8 @@ def export_checkpoint(
         )
     initialised = sorted(set(added) - set(state))
     model.load_state_dict(state, strict=not initialised)
-    save_pretrained(model, out, overwrite=overwrite)
-    if (base / "tokenizer").is_dir():
+    save_pretrained(model, out, overwrite=overwrite)  # an overwritten folder keeps its tokenizer/ (not weights)
+    if (base / "tokenizer").is_dir() and Path(base).resolve() != Path(out).resolve():
         shutil.copytree(base / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
     report: dict[str, Any] = {
         "base": str(base),
