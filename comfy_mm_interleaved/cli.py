@@ -21,6 +21,7 @@ one ``error:`` message on stderr and exit with status 1, without a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -303,10 +304,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def apply_environment() -> None:
+    """Check and apply the ``MMI_*`` variables every command honours, before any work: ``MMI_NUM_THREADS`` (torch's
+    CPU threads) and ``MMI_MSDA_BACKEND`` (a bad value would otherwise surface deep inside the first model call)."""
+    threads = os.environ.get("MMI_NUM_THREADS", "").strip()
+    if threads:
+        if not threads.isdigit() or int(threads) < 1:
+            raise ValueError(f"MMI_NUM_THREADS must be a whole number >= 1, got {threads!r}")
+        import torch
+
+        torch.set_num_threads(int(threads))
+    if os.environ.get("MMI_MSDA_BACKEND", "").strip():
+        import torch
+
+        from .ops.backend import interpreting, requested_backend, triton_importable
+
+        backend = requested_backend()  # ValueError naming the variable and its choices
+        if backend == "triton" and not (triton_importable() and (torch.cuda.is_available() or interpreting())):
+            raise ValueError(
+                "MMI_MSDA_BACKEND=triton needs Triton and a CUDA GPU (or TRITON_INTERPRET=1 to run the kernels in "
+                "Triton's CPU interpreter); unset it to use the default"
+            )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m comfy_mm_interleaved`` and of the ``mm-interleaved`` script."""
     args = build_parser().parse_args(argv)
     try:
+        apply_environment()
         return int(args.run(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as err:
         print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)

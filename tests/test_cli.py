@@ -88,3 +88,29 @@ def test_usage_errors_and_registry():
     with pytest.raises(SystemExit) as info:
         main(["convert-official", "only-src", "--dtype", "int8"])
     assert info.value.code == 2
+
+
+def test_environment_variables_are_checked_before_any_work(monkeypatch, capsys, converted_tiny_checkpoint):  # noqa: F811
+    import torch
+
+    command = ["info", str(converted_tiny_checkpoint)]
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("MMI_NUM_THREADS", "1")
+        assert main(command) == 0 and torch.get_num_threads() == 1  # honoured by every command
+    finally:
+        torch.set_num_threads(threads)
+    for name, value, message in (
+        ("MMI_NUM_THREADS", "two", "MMI_NUM_THREADS must be a whole number >= 1, got 'two'"),
+        ("MMI_MSDA_BACKEND", "bogus", "MMI_MSDA_BACKEND='bogus' is not one of auto, reference, gather, triton"),
+    ):
+        monkeypatch.setenv(name, value)
+        assert main(command) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+        monkeypatch.delenv(name)
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("MMI_MSDA_BACKEND", "triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        assert main(command) == 1
+        assert "MMI_MSDA_BACKEND=triton needs Triton and a CUDA GPU" in capsys.readouterr().err

@@ -24,7 +24,7 @@ from comfy_mm_interleaved.checkpoint import save_pretrained
 from comfy_mm_interleaved.models.mm_interleaved import MMInterleaved
 from comfy_mm_interleaved.train.checkpointing import list_checkpoints, verify_checkpoint
 from comfy_mm_interleaved.train.config import TrainConfig
-from comfy_mm_interleaved.train.loop import Trainer, check_forward_takes, lr_multiplier, train
+from comfy_mm_interleaved.train.loop import Trainer, build_tokenizer, check_forward_takes, lr_multiplier, train
 from comfy_mm_interleaved.train.metrics import crc32c, read_metrics
 from comfy_mm_interleaved.train.params import OFFICIAL_RULES, apply_freezing, build_param_groups
 from test_train_helpers import WORDS, FaultInjector, build, story_corpus, tiny_config
@@ -344,6 +344,27 @@ def test_config_values_are_checked_for_type_and_range(tmp_path) -> None:
             TrainConfig.load(path, [override])
     cfg = TrainConfig.load(path, ["train.output_dir=2024", "optim.lr=1", "model.tokenizer=null"])
     assert (cfg.train.output_dir, cfg.optim.lr, cfg.model.tokenizer) == ("2024", 1.0, None)
+    # YAML 1.1 reads an unquoted no as false: the documented mixed_precision=no still means "no"
+    assert TrainConfig.load(path, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
+def test_placeholders_a_missing_resume_folder_and_the_model_folders_tokenizer(corpus, tmp_path) -> None:
+    shipped = TrainConfig.load(REPO / "configs" / "train" / "sft_vqa.yaml")
+    with pytest.raises(ValueError, match=r"placeholders to fill in.*model.init_from = \[MODEL FOLDER\]"):
+        Trainer(shipped, model=build())
+    data = config_dict(tmp_path / "out", corpus, resume=str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="train.resume: no checkpoint folder .*nowhere; use auto"):
+        Trainer(TrainConfig.load(write_config(tmp_path / "c.yaml", data)), model=build())
+    # without model.tokenizer / tokenizer_words, a model folder's own tokenizer/ is used
+    base = save_pretrained(build(), tmp_path / "base")
+    words = build_tokenizer(
+        TrainConfig.load(write_config(tmp_path / "c.yaml", config_dict(tmp_path, corpus))), build().config
+    )
+    words.save_pretrained(str(base / "tokenizer"))
+    data = config_dict(tmp_path / "out2", corpus)
+    data["model"] = {"init_from": str(base)}
+    tokenizer = build_tokenizer(TrainConfig.load(write_config(tmp_path / "c.yaml", data)), build().config)
+    assert tokenizer.get_vocab() == words.get_vocab()
 
 
 def test_a_fresh_run_refuses_a_folder_with_checkpoints_and_a_resume_of_another_shape_is_explained(

@@ -113,7 +113,7 @@ class EvalSection:
     data: StreamConfig | None = None  # held-out data for an evaluation loss
     max_batches: int = 8
     seed: int = 1234  # the model's random draws (noise, timesteps) during evaluation
-    hooks: list[str] = field(default_factory=list)  # "module:function"(model, batches, step, accelerator) -> dict
+    hooks: list[str] = field(default_factory=list)  # "module:function"(model=, step=, accelerator=, trainer=) -> dict
 
 
 @dataclass
@@ -215,6 +215,8 @@ def _scalar(hint: Any, value: Any, where: str) -> Any:
     elif hint is str:
         if is_number:  # e.g. output_dir=2024
             return str(value)
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted no / off as False: mixed_precision=no means "no"
+            return "no" if value is False else "yes"
         if not isinstance(value, str):
             raise ValueError(f"{where}: expected a string, got {value!r}")
     return value

@@ -9,10 +9,12 @@ evaluation and checkpoints; SIGTERM makes every process finish its step, save a 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import logging
 import math
+import re
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -128,7 +130,30 @@ def build_tokenizer(cfg: TrainConfig, model_config: MMInterleavedConfig):
         tokenizer = build_word_tokenizer(cfg.model.tokenizer_words, special, model_config.orig_vocab_size)
         check_tokenizer(tokenizer, special)
         return tokenizer
-    raise ValueError("set model.tokenizer (a local tokenizer folder) or model.tokenizer_words")
+    if cfg.model.init_from and (Path(cfg.model.init_from) / "tokenizer").is_dir():  # a model folder's own tokenizer
+        return load_tokenizer(Path(cfg.model.init_from) / "tokenizer", special)
+    raise ValueError(
+        "set model.tokenizer (a local tokenizer folder) or model.tokenizer_words, or start from a model folder that "
+        "holds tokenizer/ (model.init_from)"
+    )
+
+
+def unfilled_placeholders(cfg: TrainConfig) -> list[str]:
+    """``key = value`` of every string still of the form ``[...]`` (the shipped configs' placeholders)."""
+    found = []
+
+    def walk(value: Any, where: str) -> None:
+        if dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                walk(getattr(value, f.name), f"{where}.{f.name}" if where else f.name)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(item, f"{where}[{i}]")
+        elif isinstance(value, str) and re.fullmatch(r"\[[^\]]+\]", value.strip()):
+            found.append(f"{where} = {value}")
+
+    walk(cfg, "")
+    return found
 
 
 def lr_multiplier(step: int, warmup_steps: int, max_steps: int, schedule: str, min_ratio: float) -> float:
@@ -208,6 +233,12 @@ class Trainer:
         from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 
         self.cfg = cfg
+        unfilled = unfilled_placeholders(cfg)
+        if unfilled:
+            raise ValueError(
+                "the config still has placeholders to fill in (in the file or as key=value overrides): "
+                + "; ".join(unfilled)
+            )
         t = cfg.train
         if t.stop_at is not None and not 1 <= t.stop_at <= t.max_steps:
             raise ValueError(
@@ -279,6 +310,11 @@ class Trainer:
                 return None
         else:
             folder = Path(t.resume)
+            if not folder.is_dir():
+                raise ValueError(
+                    f"train.resume: no checkpoint folder {folder}; use auto (the newest valid checkpoint in "
+                    f"{self.checkpoint_root}), none, or the path of a step_<N> folder"
+                )
         try:
             self.accelerator.load_state(str(folder))
         except RuntimeError as err:  # e.g. "size mismatch for ...": a checkpoint of another model configuration
