@@ -562,8 +562,24 @@ def saved_files(server: ComfyUIServer, entry: dict[str, Any]) -> list[Path]:
     return list(dict.fromkeys(files))
 
 
-def run_workflow(name: str, output: Path, tiny_from: Path | None = None) -> list[Path]:
-    """Run ``workflows/api/<name>.json`` in a fresh headless ComfyUI whose output folder is ``output``.
+def text_outputs(prompt: dict, entry: dict) -> list[str]:
+    """``<node title>: <text>`` of every node that showed text (e.g. the core *Preview as Text*), in node order."""
+    lines = []
+    for node, result in sorted(entry["outputs"].items(), key=lambda item: int(item[0])):
+        title = prompt.get(node, {}).get("_meta", {}).get("title", node)
+        if (
+            isinstance(result, dict)
+            and "text" in result
+            and node in prompt
+            and prompt[node]["class_type"] == "PreviewAny"
+        ):
+            lines += [f"{title}: {text}" for text in result["text"]]
+    return lines
+
+
+def run_workflow(name: str, output: Path, tiny_from: Path | None = None) -> tuple[list[Path], list[str]]:
+    """Run ``workflows/api/<name>.json`` in a fresh headless ComfyUI whose output folder is ``output``: the saved
+    files and the texts its preview nodes showed.
 
     The embedded model by default; ``tiny_from`` (a converted tiny checkpoint folder) runs the tiny model instead.
     """
@@ -575,10 +591,11 @@ def run_workflow(name: str, output: Path, tiny_from: Path | None = None) -> list
         if tiny_from is not None:
             install_tiny_model(tiny_from, server.extra_models)
             model = TINY_MODEL
-        prompt_id, entry = server.run(api_workflow(name, model), timeout=3600)
+        prompt = api_workflow(name, model)
+        prompt_id, entry = server.run(prompt, timeout=3600)
         if entry["status"]["status_str"] != "success":
             raise ComfyUIError(f"workflow {name} failed: {history_error(entry)}\n{server.log_tail()}")
-        return saved_files(server, entry)
+        return saved_files(server, entry), text_outputs(prompt, entry)
     finally:
         server.stop()
         shutil.rmtree(base, ignore_errors=True)
@@ -598,8 +615,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "ui-workflows":
         write_ui_workflows()
         return
-    for path in run_workflow(args.workflow, args.output, args.tiny_from):
-        print(path)
+    files, texts = run_workflow(args.workflow, args.output, args.tiny_from)
+    for line in [*texts, *map(str, files)]:
+        print(line)
 
 
 if __name__ == "__main__":  # from the repository root: .venv/bin/python -m tests.comfyui_harness --help
