@@ -21,7 +21,7 @@ from comfy_mm_interleaved.models.diffusion import SCHEDULERS
 from .context import context_input, context_output
 from .loader import LoadedModel
 from .progress import ComfyProgress
-from .types import CATEGORY, MMIModel, check_choices
+from .types import CATEGORY, MMIModel, check_choice
 
 GENERATE_CATEGORY = f"{CATEGORY}/generate"
 SEED_MAX = 2**53 - 1  # the largest integer the frontend (JavaScript numbers) keeps exactly
@@ -194,7 +194,7 @@ class GenerateImage(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, scheduler: str) -> bool | str:
-        return check_choices(scheduler=(scheduler, SCHEDULERS))
+        return check_choice(scheduler, SCHEDULERS)
 
     @classmethod
     def execute(
@@ -255,7 +255,7 @@ class GenerateInterleaved(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, scheduler: str) -> bool | str:
-        return check_choices(scheduler=(scheduler, SCHEDULERS))
+        return check_choice(scheduler, SCHEDULERS)
 
     @classmethod
     def execute(

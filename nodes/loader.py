@@ -32,7 +32,7 @@ from comfy_api.latest import io
 from comfy_mm_interleaved.inference import InterleavedEngine, resolve_model_dir
 
 from . import model_folder
-from .types import CATEGORY, MMIModel, check_choices
+from .types import CATEGORY, MMIModel
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_MODES = ("auto", "cpu", "sequential offload")
@@ -160,12 +160,13 @@ class LoadModel(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, model: str, dtype: str, device: str) -> bool | str:
-        # see check_choices: a model this installation lacks is refused when the prompt is queued
+    def validate_inputs(cls, model: str) -> bool | str:
+        # see check_choice: a model this installation lacks is refused when the prompt is queued (dtype and device
+        # are checked when it runs: ComfyUI would file one message under every input named here)
         names = model_folder.model_names()
         if model is not None and model not in names:  # None: the value arrives through a link
             return model_folder.missing_model_message(model, names)
-        return check_choices(dtype=(dtype, DTYPES), device=(device, DEVICE_MODES))
+        return True
 
     @classmethod
     def execute(cls, model: str, dtype: str, device: str) -> io.NodeOutput:

@@ -13,7 +13,7 @@ from comfy_api.latest import io
 from comfy_mm_interleaved.shapestories import Attributes, caption_sentence, render_array
 from comfy_mm_interleaved.shapestories.rules import COLOURS, COLUMNS, RADIUS_RANGES, ROWS, SHAPES, SIZES
 
-from .types import CATEGORY, check_choices
+from .types import CATEGORY
 
 
 def draw(shape: str, colour: str, size: str, row: str, column: str, image_size: int) -> tuple[torch.Tensor, str]:
@@ -55,16 +55,6 @@ class ShapeStoriesImage(io.ComfyNode):
                     display_name="caption", tooltip="Its true caption, e.g. 'a small red circle at top left.'"
                 ),
             ],
-        )
-
-    @classmethod
-    def validate_inputs(cls, shape: str, colour: str, size: str, row: str, column: str) -> bool | str:
-        return check_choices(
-            shape=(shape, SHAPES),
-            colour=(colour, COLOURS),
-            size=(size, SIZES),
-            row=(row, ROWS),
-            column=(column, COLUMNS),
         )
 
     @classmethod

@@ -20,15 +20,13 @@ MMIContext = io.Custom("MMI_CONTEXT")
 MMIImageFeatures = io.Custom("MMI_IMAGE_FEATURES")
 
 
-def check_choices(**choices: tuple[object, Sequence[str]]) -> bool | str:
-    """``validate_inputs`` of a node's dropdowns: ``name=(value, options)`` -> True, or what is wrong.
+def check_choice(value: object, options: Sequence[str]) -> bool | str:
+    """``validate_inputs`` of one dropdown: True, or what is wrong (ComfyUI puts the input's name in front).
 
     ComfyUI 0.3.75 checks the options of classic combos only, not of V3 ones: without this, an API prompt or an old
     workflow with a value this version lacks would be queued and fail only when it runs. None means the value
-    arrives through a link (checked when it runs)."""
-    bad = [
-        f"{name} {value!r} is not one of {list(options)}"
-        for name, (value, options) in choices.items()
-        if value is not None and value not in options
-    ]
-    return "; ".join(bad) if bad else True
+    arrives through a link (checked when it runs). ComfyUI files the message under every input a validation
+    function names, so each one names a single input."""
+    if value is None or value in options:
+        return True
+    return f"{value!r} is not one of {list(options)}"

@@ -286,17 +286,15 @@ def test_bad_inputs_give_clear_node_errors_and_the_server_keeps_serving(server) 
     prompt = api_workflow("text_to_image", model="no_such_model")
     status, body = server.queue(prompt)
     assert status == 400
-    # ComfyUI files a custom validation's message under every input the check reads (model, dtype, device)
-    details = [error["details"] for error in body["node_errors"]["1"]["errors"]]
-    assert [d.split(" - ")[0] for d in details] == ["model", "dtype", "device"]
-    assert details[0].startswith("model - no MM-Interleaved model 'no_such_model' here; installed: ['embedded',")
+    (error,) = body["node_errors"]["1"]["errors"]  # one message, under the input it is about
+    assert error["details"].startswith("model - no MM-Interleaved model 'no_such_model' here; installed: ['embedded',")
     # a dropdown value this version lacks (ComfyUI itself checks only classic combos): refused when queued
     prompt = api_workflow("text_to_image", model)
     prompt["3"]["inputs"]["scheduler"] = "Euler a"
     status, body = server.queue(prompt)
     assert status == 400
     (error,) = body["node_errors"]["3"]["errors"]
-    assert error["details"].startswith("scheduler - scheduler 'Euler a' is not one of ['ddpm', 'ddim',")
+    assert error["details"].startswith("scheduler - 'Euler a' is not one of ['ddpm', 'ddim',")
     # an empty context
     prompt = api_workflow("captioning", model)
     del prompt["4"], prompt["7"]
