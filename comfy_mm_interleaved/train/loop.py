@@ -318,10 +318,10 @@ class Trainer:
         try:
             self.accelerator.load_state(str(folder))
         except RuntimeError as err:  # e.g. "size mismatch for ...": a checkpoint of another model configuration
-            first = str(err).strip().splitlines()
-            detail = next((line.strip() for line in first if "size mismatch" in line or "Missing key" in line), "")
+            lines = str(err).strip().splitlines() or [type(err).__name__]
+            detail = next((line.strip() for line in lines if "size mismatch" in line or "Missing key" in line), "")
             raise ValueError(
-                f"cannot resume from {folder}: its state does not fit this model and optimiser ({detail or first[0]}). "
+                f"cannot resume from {folder}: its state does not fit this model and optimiser ({detail or lines[0]}). "
                 "It was written by a run with another model configuration; point train.output_dir at a new folder, "
                 "or train.resume at a checkpoint of this configuration"
             ) from None
