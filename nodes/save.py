@@ -1,4 +1,4 @@
-"""Save an interleaved document: its images as PNG, the document as JSON and a readable HTML page.
+"""Save an interleaved document: its images as PNG, the document as JSON and a readable, standalone HTML page.
 
 Files go to ComfyUI's output folder as ``<prefix>_<counter>_.json`` / ``.html`` with ``<prefix>_<counter>_-NN.png``
 beside them (ComfyUI's counter naming); the PNGs carry the workflow as ComfyUI's Save Image writes it. The JSON is
@@ -7,6 +7,7 @@ beside them (ComfyUI's counter naming); the PNGs carry the workflow as ComfyUI's
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import os
@@ -30,17 +31,21 @@ PAGE_STYLE = (
 )
 
 
-def html_page(doc: Interleaved, image_files: list[str | None], title: str) -> str:
-    """A standalone HTML page: text segments as paragraphs, images in place (``image_files`` relative paths)."""
+def html_page(doc: Interleaved, images: list[tuple[str, bytes] | None], title: str) -> str:
+    """A standalone HTML page: text segments as paragraphs, images in place. ``images``: (file name, PNG bytes) of
+    each image segment (None: pending); the PNGs are embedded as data URIs, so the page needs no other file (ComfyUI
+    serves an .html output as a download, and a downloaded page would lose relative image links)."""
     body, k = [], 0
     for segment in doc:
         if isinstance(segment, ImagePart):
-            name = image_files[k]
+            image = images[k]
             k += 1
-            if name is None:
+            if image is None:
                 body.append(f'<p class="pending">[image {k}: not generated yet]</p>')
             else:
-                body.append(f'<img src="{html.escape(name)}" alt="image {k}">')
+                name, png = image
+                source = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+                body.append(f'<img src="{source}" alt="image {k}" title="{html.escape(name)}">')
         elif segment.text.strip():
             body.append(f"<p>{html.escape(segment.text.strip())}</p>")
     return (
@@ -73,8 +78,9 @@ def save_document(
     json_path = doc.to_json(Path(folder) / f"{stem}.json", pnginfo)
     parts = [s for s in doc if isinstance(s, ImagePart)]
     names = [None if part.pending else f"{stem}-{k:02d}.png" for k, part in enumerate(parts)]
+    images = [None if n is None else (n, (json_path.parent / n).read_bytes()) for n in names]
     html_path = json_path.with_suffix(".html")
-    html_path.write_text(html_page(doc, names, stem), encoding="utf-8")
+    html_path.write_text(html_page(doc, images, stem), encoding="utf-8")
     return json_path, html_path, [json_path.parent / n for n in names if n is not None]
 
 

@@ -13,6 +13,7 @@ tests check the structure (statuses, image sizes and counts, files, document lay
 
 from __future__ import annotations
 
+import base64
 import html
 import io
 import json
@@ -120,14 +121,15 @@ def change_of(sentence: str) -> Change | None:
 
 
 def check_saved_document(server: ComfyUIServer, entry: dict, node: str) -> str:
-    """The HTML page the save node wrote references every saved image, in order; returns the page."""
+    """The HTML page the save node wrote holds every saved image (as a data URI), in order; returns the page."""
     saved = outputs_of(entry)[node]
     (html_file,) = saved["html"]
     page = (server.output / html_file).read_text()
-    positions = [page.index(f'src="{item["filename"]}"') for item in saved["images"]]
+    positions = [page.index(f'title="{item["filename"]}"') for item in saved["images"]]
     assert positions == sorted(positions)
-    for item in saved["images"]:
-        assert (server.output / item["subfolder"] / item["filename"]).is_file()
+    embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)  # standalone: each PNG inside the page
+    files = [server.output / item["subfolder"] / item["filename"] for item in saved["images"]]
+    assert [base64.b64decode(data) for data in embedded] == [path.read_bytes() for path in files]
     return page
 
 

@@ -10,10 +10,12 @@ converted into a model folder with a word-level tokenizer (``comfyui_harness.ins
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
 import importlib
 import importlib.util
 import json
+import re
 import sys
 from types import ModuleType, SimpleNamespace
 
@@ -383,7 +385,13 @@ def test_save_interleaved_writes_pngs_json_and_html(comfyui) -> None:
     assert [i["filename"] for i in ui["images"]] == ["test_00001_-00.png", "test_00001_-01.png"]
     assert {i["subfolder"] for i in ui["images"]} == {"stories"} and ui["html"] == ["stories/test_00001_.html"]
     page = (folder / "test_00001_.html").read_text()
-    assert page.index('src="test_00001_-00.png"') < page.index("&lt;at&gt;") < page.index('src="test_00001_-01.png"')
+    assert (
+        page.index('title="test_00001_-00.png"') < page.index("&lt;at&gt;") < page.index('title="test_00001_-01.png"')
+    )
+    embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)  # a standalone page: the PNGs inside it
+    assert [base64.b64decode(b) for b in embedded] == [
+        (folder / n).read_bytes() for n in ("test_00001_-00.png", "test_00001_-01.png")
+    ]
     reloaded = Interleaved.from_json(folder / "test_00001_.json")
     assert reloaded.to_readable_text() == doc.to_readable_text()
     assert np.array_equal(np.asarray(reloaded.images[0]), np.asarray(doc.images[0]))
