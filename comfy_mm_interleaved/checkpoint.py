@@ -611,6 +611,13 @@ def check_tensor_specs(
     raise CheckpointError("\n".join(problems))
 
 
+def check_tensors(specs: Mapping[str, TensorSpec], expected: Mapping[str, TensorSpec], source: str, fix: str) -> None:
+    """:func:`check_tensor_specs` of tensors whose shapes and dtypes are both known (file headers, shards)."""
+    shapes = {key: shape for key, (shape, _) in specs.items()}
+    dtypes = {key: dtype for key, (_, dtype) in specs.items()}
+    check_tensor_specs(shapes, expected, source, fix, dtypes)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Building the model without materialising its weights
 
@@ -663,10 +670,8 @@ def from_pretrained(
     target = parse_dtype(dtype)
     model = build_empty_model(config, chosen)
     expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items() if component_of(k) in set(chosen)}
-    specs = read_tensor_specs(folder, chosen)
-    actual, dtypes = {k: shape for k, (shape, _) in specs.items()}, {k: dtype for k, (_, dtype) in specs.items()}
     fix = f"the weights do not fit config.json; {_RECONVERT}"
-    check_tensor_specs(actual, expected, f"model folder {folder}", fix, dtypes)
+    check_tensors(read_tensor_specs(folder, chosen), expected, f"model folder {folder}", fix)
     state_dict = load_state_dict_from_folder(folder, chosen, dtype=target, device=device)
     model.load_state_dict(state_dict, strict=components is None, assign=True)
     _move_non_persistent_buffers(model, chosen, device)

@@ -30,6 +30,7 @@ from .checkpoint import (
     CheckpointWriter,
     TensorSpec,
     check_tensor_specs,
+    check_tensors,
     expected_tensor_specs,
     format_list,
 )
@@ -149,9 +150,7 @@ def convert_official(
         expected: dict[str, TensorSpec] = expected_tensor_specs(config)
         fix = "pass --config with the config this checkpoint was trained with (our config.json or tiny_config.json)"
         check_tensor_specs(dict.fromkeys(weight_map), expected, f"the index {src / OFFICIAL_INDEX}", fix)
-        specs = _shard_specs(src, shards, weight_map)
-        shapes, dtypes = {k: shape for k, (shape, _) in specs.items()}, {k: dtype for k, (_, dtype) in specs.items()}
-        check_tensor_specs(shapes, expected, f"the shards in {src}", fix, dtypes)
+        check_tensors(_shard_specs(src, shards, weight_map), expected, f"the shards in {src}", fix)
         for number, shard in enumerate(shards, 1):
             log(f"[{number}/{len(shards)}] converting {shard}")
             state_dict = load_pickled_state_dict(src / shard)

@@ -76,8 +76,7 @@ def save_document(
     folder, filename, counter, _, _ = folder_paths.get_save_image_path(prefix, output_dir)
     stem = f"{filename}_{counter:05}_"  # ComfyUI's own pattern, which its counter recognises
     json_path = doc.to_json(Path(folder) / f"{stem}.json", pnginfo)
-    parts = [s for s in doc if isinstance(s, ImagePart)]
-    names = [None if part.pending else f"{stem}-{k:02d}.png" for k, part in enumerate(parts)]
+    names = doc.image_file_names(stem)
     images = [None if n is None else (n, (json_path.parent / n).read_bytes()) for n in names]
     html_path = json_path.with_suffix(".html")
     html_path.write_text(html_page(doc, images, stem), encoding="utf-8")

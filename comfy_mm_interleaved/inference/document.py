@@ -339,20 +339,24 @@ class Interleaved:
                 k += 1
         return out
 
+    def _image_segments(self) -> list[ImagePart]:
+        """Every image segment, pending ones included."""
+        return [s for s in self._segments if isinstance(s, ImagePart)]
+
+    def image_file_names(self, stem: str) -> list[str | None]:
+        """The PNG name :meth:`to_json` gives each image segment of a document saved as ``<stem>.json`` (None:
+        pending)."""
+        return [None if part.pending else f"{stem}-{k:02d}.png" for k, part in enumerate(self._image_segments())]
+
     def to_json(self, path: PathLike, pnginfo: PngInfo | None = None) -> Path:
         """Write the document to ``path`` and its images beside it as ``<stem>-<k>.png``, referenced relatively
         (``pnginfo``: text chunks for every PNG, e.g. the ComfyUI workflow)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        names: list[str | None] = []
-        image_segments = [s for s in self._segments if isinstance(s, ImagePart)]
-        for k, seg in enumerate(image_segments):
-            if seg.pending:
-                names.append(None)
-                continue
-            name = f"{path.stem}-{k:02d}.png"
-            seg.image.save(path.parent / name, pnginfo=pnginfo)
-            names.append(name)
+        names = self.image_file_names(path.stem)
+        for seg, name in zip(self._image_segments(), names):
+            if name is not None:
+                seg.image.save(path.parent / name, pnginfo=pnginfo)
         path.write_text(json.dumps(self.to_list(names), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         return path
 

@@ -44,6 +44,7 @@ from transformers import DynamicCache
 from .. import checkpoint
 from ..config import MMInterleavedConfig
 from ..models.ablation import mmfs_ablation, mmfs_state, mmfs_switches
+from ..models.image_decoder import ImageDecoder
 from ..models.llm import MMFSInputs, flatten_levels, slot_spatial_layout
 from ..models.masks import image_layout, llm_visibility
 from ..models.visual_tokenizer import VisualTokenizerOutput, preprocess_images
@@ -55,6 +56,7 @@ from .progress import ProgressCallback, report
 from .sampling import TokenRules, decode
 from .tokens import DocumentTokens, document_tokens
 
+MODES = ("text", "image", "auto")  # of InterleavedEngine.generate
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parents[1] / "embedded"
 TOKENIZER_FOLDER = "tokenizer"
 ENCODE_BATCH = 8  # images per visual-tokenizer call
@@ -523,14 +525,18 @@ class InterleavedEngine:
     def check_can_continue(self, doc: Interleaved, mode: str = "auto") -> None:
         """Raise the error :meth:`generate` would raise before its first step (an empty document, too many images,
         no room in the context window), without running the model: to check a batch of documents up front."""
-        if mode not in ("text", "image", "auto"):
-            raise ValueError(f"mode must be 'text', 'image' or 'auto', got {mode!r}")
+        _check_mode(mode)
         if mode == "image" or (mode == "auto" and doc.ends_with_pending_image):
-            if self.model.image_decoder is None:
-                raise ValueError("this model was loaded without its image decoder, so it cannot draw images")
+            self._image_decoder()
             self._image_prompt(doc)
         else:
             self._text_prompt(doc)
+
+    def _image_decoder(self) -> ImageDecoder:
+        """The model's image decoder, or the error of a model loaded without one."""
+        if self.model.image_decoder is None:
+            raise ValueError("this model was loaded without its image decoder, so it cannot draw images")
+        return self.model.image_decoder
 
     def _check_length(self, length: int, needed: int, what: str) -> None:
         window = self.config.llm.max_position_embeddings
@@ -642,9 +648,7 @@ class InterleavedEngine:
     ) -> ImageResult:
         """Draw the next image of ``doc`` (its pending image, or a new one at its end): ``options.num_images``
         samples; the returned document gets the first."""
-        image_decoder = self.model.image_decoder
-        if image_decoder is None:
-            raise ValueError("this model was loaded without its image decoder, so it cannot draw images")
+        image_decoder = self._image_decoder()
         options = options or ImageOptions()
         options.validate(image_decoder.config.image_size)
         base = doc.without_pending_image()
@@ -733,14 +737,13 @@ class InterleavedEngine:
         text (which may end by asking for an image). Auto stops at ``</s>``, and before a step for which the
         context window or the model's image limit has no room. ``force_image_after_text`` (official
         ``force_gen_image_next``) asks for an image after every text step. Text step k uses ``seed + k``."""
+        _check_mode(mode)
         text_options = text_options or TextOptions()
         image_options = image_options or ImageOptions()
         if mode == "text":
             return self.generate_text(doc, text_options, progress).document
         if mode == "image":
             return self.generate_images(doc, image_options, progress).document
-        if mode != "auto":
-            raise ValueError(f"mode must be 'text', 'image' or 'auto', got {mode!r}")
         if not isinstance(max_segments, int) or max_segments < 1:
             raise ValueError(f"max_segments must be >= 1, got {max_segments!r}")
         for step in range(max_segments):
@@ -771,6 +774,11 @@ class InterleavedEngine:
         """Number of prompt tokens of ``doc`` (a pending image counts as its <BOI> + image tokens)."""
         extra = 1 + self.config.num_img_token if doc.ends_with_pending_image else 0
         return len(document_tokens(doc, self.tokenizer, self.config).ids) + extra
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be 'text', 'image' or 'auto', got {mode!r}")
 
 
 def _expand_mmfs(mmfs: MMFSInputs, batch: int) -> MMFSInputs:
