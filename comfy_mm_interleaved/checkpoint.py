@@ -3,7 +3,8 @@
 Layout of a model folder::
 
     config.json           MMInterleavedConfig.to_dict() + {"checkpoint_format": {name, version, dtype}}
-    weights_index.json    key -> file, per-component file lists and totals, per-file sizes (written last)
+    weights_index.json    key -> file, per-component file lists and totals, per-file sizes and
+                          SHA-256 (written last; ``verify`` checks the files against it)
     llm-00001.safetensors llm-00002.safetensors ... visual_tokenizer-00001.safetensors ... vae-00001.safetensors
 
 Tensors keep their full official names (``mm_decoder.layers.0.self_attn.q_proj.weight``), so a folder loads into
@@ -15,10 +16,14 @@ save never leaves a half-written model behind.
 from __future__ import annotations
 
 import contextlib
+import glob
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -36,6 +41,9 @@ CONFIG_FILE = "config.json"
 INDEX_FILE = "weights_index.json"
 FORMAT_KEY = "checkpoint_format"  # the extra entry of config.json next to the model config
 DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
+OWNER_FILE = ".writer.json"  # inside a folder being written: the writing process, so a later save can tell it died
+
+log = logging.getLogger(__name__)
 
 # (official key prefix, or an exact key, -> component), first match wins: the specific image-decoder parts first.
 _ROUTES: tuple[tuple[str, str], ...] = (
@@ -189,6 +197,41 @@ def _write_json(path: Path, data: Any) -> None:
     _write_durably(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
 
 
+def file_sha256(path: str | Path, chunk_bytes: int = 16 * 2**20) -> str:
+    """Hex SHA-256 of a file, read in chunks (a multi-GB weights file never sits in memory whole)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _process_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists but is not ours, or we cannot tell: assume alive
+    return True
+
+
+def _remove_abandoned_writes(folder: Path) -> None:
+    """Delete the hidden ``.<name>.partial-*`` siblings of ``folder`` left by a save that was killed (SIGKILL, power
+    loss) before it could clean up: those whose writer process, recorded in ``OWNER_FILE``, no longer runs on this
+    machine. A write still in progress, one from another machine, or one without an owner record is left alone."""
+    host = socket.gethostname()
+    for entry in folder.parent.glob(f".{glob.escape(folder.name)}.partial-*"):
+        try:
+            owner = json.loads((entry / OWNER_FILE).read_text())
+            pid, owner_host = int(owner["pid"]), str(owner["host"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if owner_host == host and pid != os.getpid() and not _process_is_alive(pid):
+            shutil.rmtree(entry, ignore_errors=True)
+            log.warning("removed %s, left by an interrupted save (process %d is gone)", entry, pid)
+
+
 def _unshare_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses tensors that share memory (tied weights): give each its own copy."""
     seen: set[int] = set()
@@ -262,8 +305,10 @@ class CheckpointWriter:
         self.dtype = None if dtype is None else parse_dtype(dtype)
         self.max_shard_bytes = max_shard_bytes
         self.folder.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned_writes(self.folder)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.partial-", dir=self.folder.parent))
         self.tmp.chmod(0o755)  # mkdtemp makes it private; the final folder should read like any other
+        _write_json(self.tmp / OWNER_FILE, {"pid": os.getpid(), "host": socket.gethostname()})
         self.weight_map: dict[str, str] = {}
         self.files: dict[str, dict[str, Any]] = {}
         self.totals = {c: {"files": [], "num_tensors": 0, "num_elements": 0, "tensor_bytes": 0} for c in COMPONENTS}
@@ -314,7 +359,8 @@ class CheckpointWriter:
             totals["tensor_bytes"] += tensor.numel() * tensor.element_size()
             if tensor.is_floating_point() and not _is_fixed_table(key):
                 self.float_dtypes.add(dtype_name(tensor.dtype))
-        self.files[name] = {"component": component, "size_bytes": (self.tmp / name).stat().st_size}
+        path = self.tmp / name
+        self.files[name] = {"component": component, "size_bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
     def stored_dtype(self) -> str:
         if len(self.float_dtypes) == 1:
@@ -341,6 +387,7 @@ class CheckpointWriter:
             "weight_map": dict(sorted(self.weight_map.items())),
         }
         _write_json(self.tmp / INDEX_FILE, index)
+        (self.tmp / OWNER_FILE).unlink()
         _fsync_folder(self.tmp)
         self._move_into_place()
         return self.folder

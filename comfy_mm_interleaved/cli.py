@@ -186,6 +186,35 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", type=Path, help="a model folder (config.json + weights_index.json)")
+    parser.add_argument(
+        "--components", default=None, help="comma-separated components to check (default: all), e.g. llm,unet"
+    )
+
+
+@subcommand(
+    "verify",
+    "check a model folder in full: every weights file against the SHA-256 in its index, the tensors against the config",
+    _verify_arguments,
+)
+def _verify(args: argparse.Namespace) -> int:
+    from .checkpoint import human_bytes
+    from .verify import UNHASHED, FileCheck, verify_folder
+
+    def report(result: FileCheck) -> None:
+        size = (args.model_dir / result.name).stat().st_size if (args.model_dir / result.name).is_file() else 0
+        detail = f"  ({result.detail})" if result.detail else ""
+        print(f"{result.status:<22}{result.name:<40}{human_bytes(size):>10}{detail}", flush=True)
+
+    components = None if args.components is None else [c.strip() for c in args.components.split(",") if c.strip()]
+    results = verify_folder(args.model_dir, components, report=report)
+    unhashed = sum(r.status == UNHASHED for r in results)
+    print(f"{args.model_dir}: {len(results)} weights files intact, tensors fit the config", end="")
+    print(f" ({unhashed} without a recorded hash: re-save the folder to record them)" if unhashed else "")
+    return 0
+
+
 def _numel(shape: Sequence[int]) -> int:
     count = 1
     for size in shape:
