@@ -207,6 +207,8 @@ def file_sha256(path: str | Path, chunk_bytes: int = 16 * 2**20) -> str:
 
 
 def _process_is_alive(pid: int) -> bool:
+    if os.name != "posix":
+        return True  # Windows' os.kill(pid, 0) would terminate the process: never clean up there
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
