@@ -26,7 +26,6 @@ On a CPU execution device offloading changes nothing and is switched off.
 from __future__ import annotations
 
 import contextlib
-import resource
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -367,7 +366,15 @@ class PeakMemory:
 
 
 def process_peak_rss() -> int:
-    """The process's peak resident set size in bytes (``ru_maxrss``)."""
+    """The process's peak resident set size in bytes: ``ru_maxrss`` on Linux and macOS, the peak working set on
+    Windows (which has no ``resource`` module; psutil comes with accelerate)."""
+    try:
+        import resource
+    except ImportError:
+        import psutil
+
+        memory = psutil.Process().memory_info()
+        return int(getattr(memory, "peak_wset", memory.rss))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 

@@ -16,6 +16,7 @@ import logging
 import math
 import re
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -195,13 +196,24 @@ def check_forward_takes(kwargs: dict[str, Any], forward_params: dict[str, inspec
         raise ValueError(f"the model's forward does not take the batch keys {missing}; add them to its signature")
 
 
+# SIGUSR1 (sent by cluster schedulers before a time limit) does not exist on Windows.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+
 class StopSignal:
-    """Remembers a SIGTERM (or SIGUSR1, used by schedulers before a time limit) until the step ends."""
+    """Remembers a SIGTERM (or SIGUSR1, used by schedulers before a time limit) until the step ends.
+
+    Handlers can only be installed from the main thread; a training run started from another thread (a notebook
+    helper, a server) goes without them, and is told so.
+    """
 
     def __init__(self) -> None:
         self.received = False
         self.previous = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("training runs outside the main thread: SIGTERM will stop it without a final checkpoint")
+            return
+        for sig in STOP_SIGNALS:
             self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:  # noqa: ANN001
@@ -220,7 +232,7 @@ def ignore_stop_signals(worker_id: int) -> None:
     makes the main process raise in its next ``next()`` instead of finishing the step and saving a checkpoint. The
     workers still end when the loader shuts down or when the main process dies.
     """
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    for sig in (*STOP_SIGNALS, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
 
 
