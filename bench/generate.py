@@ -587,7 +587,7 @@ def main() -> None:
     else:
         result = bench_cpu(args)
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ def _portable_copy(src: Path, dst: Path) -> None:
     for path in src.rglob("*"):
         if path.suffix not in (".h", ".cpp", ".cu", ".cuh"):
             continue
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         text = re.sub(r"\.type\(\)\.is_cuda\(\)", ".is_cuda()", text)
         text = re.sub(
             r"AT_DISPATCH_FLOATING_TYPES\((\w+)\.type\(\)", r"AT_DISPATCH_FLOATING_TYPES(\1.scalar_type()", text
@@ -138,8 +138,10 @@ def _portable_copy(src: Path, dst: Path) -> None:
         text = re.sub(r"\.data<", ".data_ptr<", text)
         out = dst / path.relative_to(src)
         out.parent.mkdir(parents=True, exist_ok=True)
-        if not out.is_file() or out.read_text() != text:  # keep mtimes, so a second load reuses the build
-            out.write_text(text)
+        if (
+            not out.is_file() or out.read_text(encoding="utf-8") != text
+        ):  # keep mtimes, so a second load reuses the build
+            out.write_text(text, encoding="utf-8")
 
 
 def build_detr_op(src: Path, build: Path):
@@ -502,7 +504,7 @@ def main() -> None:
         out_path = args.json or (os.path.join(os.environ["OUT"], "kernel_tune.json") if os.environ.get("OUT") else None)
         if out_path:
             Path(out_path).write_text(json.dumps({"machine": machine, "dtype": str(dtype), "gather_bound_ms": bound,
-                                                  "entries": entries}, indent=1))  # fmt: skip
+                                                  "entries": entries}, indent=1), encoding="utf-8")  # fmt: skip
         return
 
     rows: list[Row] = []
@@ -525,7 +527,7 @@ def main() -> None:
     }
     out_path = args.json or (os.path.join(os.environ["OUT"], "kernel_bench.json") if os.environ.get("OUT") else None)
     if out_path:
-        Path(out_path).write_text(json.dumps(result, indent=1, default=str))
+        Path(out_path).write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
     print("\nSUMMARY")
     print_table(rows)
     if not all(row.ok for row in rows):

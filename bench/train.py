@@ -39,7 +39,7 @@ def make_corpus(folder: Path, n_docs: int = 32) -> Path:
         segs = [f"a {a} square .", {"image": f"{i}a.png"}, f"then it is {b} .", {"image": f"{i}b.png"}, "the end ."]
         lines.append(json.dumps({"segments": segs}))
     path = folder / "docs.jsonl"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 

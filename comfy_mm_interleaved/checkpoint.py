@@ -194,7 +194,7 @@ def _write_durably(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    _write_durably(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+    _write_durably(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8"))
 
 
 def file_sha256(path: str | Path, chunk_bytes: int = 16 * 2**20) -> str:
@@ -225,7 +225,7 @@ def _remove_abandoned_writes(folder: Path) -> None:
     host = socket.gethostname()
     for entry in folder.parent.glob(f".{glob.escape(folder.name)}.partial-*"):
         try:
-            owner = json.loads((entry / OWNER_FILE).read_text())
+            owner = json.loads((entry / OWNER_FILE).read_text(encoding="utf-8"))
             pid, owner_host = int(owner["pid"]), str(owner["host"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
@@ -250,7 +250,7 @@ def _is_our_folder(folder: Path) -> bool:
     official folder, which also has a config.json, is not one)."""
     for name, key in ((INDEX_FILE, "format"), (CONFIG_FILE, FORMAT_KEY)):
         try:
-            data = json.loads((folder / name).read_text())
+            data = json.loads((folder / name).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
         entry = data.get(key) if isinstance(data, dict) else None
@@ -263,7 +263,7 @@ def _written_files(folder: Path) -> set[str]:
     """The entries of a model folder that a save writes (the rest, e.g. ``tokenizer/``, belongs to the user)."""
     names = {CONFIG_FILE, INDEX_FILE}
     try:
-        names |= set(json.loads((folder / INDEX_FILE).read_text()).get("files", {}))
+        names |= set(json.loads((folder / INDEX_FILE).read_text(encoding="utf-8")).get("files", {}))
     except (OSError, ValueError, AttributeError):
         pass
     return names
@@ -450,7 +450,7 @@ def read_config(folder: str | Path) -> tuple[MMInterleavedConfig, dict[str, Any]
     if not path.is_file():
         raise CheckpointError(f"{folder} has no {CONFIG_FILE}, so it is not a converted model folder; {_RECONVERT}")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path} is not valid JSON ({err}); {_RECONVERT}") from None
     fmt = data.pop(FORMAT_KEY, None)
@@ -465,7 +465,7 @@ def read_index(folder: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{folder} has no {INDEX_FILE} (an interrupted save or conversion?); {_RECONVERT}")
     try:
-        index = json.loads(path.read_text())
+        index = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path} is not valid JSON ({err}); {_RECONVERT}") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT_NAME:

@@ -483,7 +483,7 @@ class MMInterleavedConfig(_ConfigBase):
     @classmethod
     def from_official_tiny(cls, tiny_config_json: str | Path) -> MMInterleavedConfig:
         """Read the golden fixtures' ``tiny_config.json`` (official yaml vocabulary)."""
-        raw = json.loads(Path(tiny_config_json).read_text())
+        raw = json.loads(Path(tiny_config_json).read_text(encoding="utf-8"))
         model, folders = raw["model"], raw["pretrained_folders"]
         tok = raw["special_tokens"]
         clip = folders["clip_vision_config"]
@@ -590,12 +590,12 @@ class MMInterleavedConfig(_ConfigBase):
         )
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | Path) -> MMInterleavedConfig:
         try:
-            data = json.loads(Path(path).read_text())
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise FileNotFoundError(f"no config.json at {path}: is this an MM-Interleaved model folder?") from None
         except json.JSONDecodeError as err:

@@ -69,7 +69,7 @@ def read_official_index(src: str | Path) -> dict[str, str]:
     index_path = src / OFFICIAL_INDEX
     if index_path.is_file():
         try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
+            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise CheckpointError(f"{index_path} is not a valid weights index ({err!r}); {_REDOWNLOAD}") from None
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
@@ -96,7 +96,7 @@ def load_config_file(path: str | Path) -> MMInterleavedConfig:
     if not path.is_file():
         raise CheckpointError(f"config file {path} does not exist")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise CheckpointError(f"config file {path} is not valid JSON ({err})") from None
     if isinstance(data, dict) and "pretrained_folders" in data and "model" in data:

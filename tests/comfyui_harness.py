@@ -92,7 +92,7 @@ def workflow_model() -> str:
 
 def api_workflow(name: str, model: str | None = None) -> dict[str, Any]:
     """``workflows/api/<name>.json`` with every loader pointed at ``model`` (default :func:`workflow_model`)."""
-    prompt = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+    prompt = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text(encoding="utf-8"))
     for node in prompt.values():
         if node["class_type"] == "MMI_LoadModel":
             node["inputs"]["model"] = model or workflow_model()
@@ -204,7 +204,8 @@ class ComfyUIServer:
         if not link.exists():
             link.symlink_to(REPO_ROOT, target_is_directory=True)
         (self.base / "extra_model_paths.yaml").write_text(
-            f"mmi_tests:\n    base_path: {self.base / 'extra_models'}\n    {MODELS_FOLDER}: {MODELS_FOLDER}\n"
+            f"mmi_tests:\n    base_path: {self.base / 'extra_models'}\n    {MODELS_FOLDER}: {MODELS_FOLDER}\n",
+            encoding="utf-8",
         )
 
     def start(self) -> ComfyUIServer:
@@ -278,7 +279,7 @@ class ComfyUIServer:
         return self.log()
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return self.log_path.read_text(errors="replace", encoding="utf-8") if self.log_path.exists() else ""
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log()[-chars:]
@@ -543,10 +544,10 @@ def write_ui_workflows() -> None:
     browser = Browser(server)
     try:
         for name in WORKFLOW_NAMES:
-            prompt = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+            prompt = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text(encoding="utf-8"))
             ui = browser.ui_from_api(prompt, f"{name}.json")
             ui["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{PACK_NAME}/workflows/{name}"))  # stable per workflow
-            (WORKFLOWS / f"{name}.json").write_text(json.dumps(ui, indent=2) + "\n")
+            (WORKFLOWS / f"{name}.json").write_text(json.dumps(ui, indent=2) + "\n", encoding="utf-8")
             print(f"wrote {WORKFLOWS / f'{name}.json'}")
     finally:
         browser.close()

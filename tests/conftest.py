@@ -33,7 +33,7 @@ class GoldenCase:
         from safetensors.torch import load_file
 
         base = golden_dir()
-        self.meta = json.loads((base / f"{name}_case.json").read_text())
+        self.meta = json.loads((base / f"{name}_case.json").read_text(encoding="utf-8"))
         self.tensors = load_file(str(base / f"{name}_case.safetensors"))
 
     def __getitem__(self, key: str) -> torch.Tensor:

@@ -162,10 +162,10 @@ def test_training_logs_the_probe_and_export_drops_its_head(shipped, tmp_path: Pa
         },
     }
     config_path = tmp_path / "c.yaml"
-    config_path.write_text(yaml.safe_dump(data))
+    config_path.write_text(yaml.safe_dump(data), encoding="utf-8")
     result = train(TrainConfig.load(config_path))
     assert result.step == 2 and result.last_checkpoint is not None
-    header = (out / "metrics.csv").read_text()
+    header = (out / "metrics.csv").read_text(encoding="utf-8")
     for tag in ("loss_probe", "probe_acc/column", "probe_acc/colour"):
         assert f",{tag}," in header
 

@@ -45,8 +45,8 @@ def browser(server):
 
 @pytest.mark.parametrize("name", WORKFLOW_NAMES)
 def test_ui_workflow_converts_to_its_api_twin_and_runs_from_the_ui(server, browser, name) -> None:
-    ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
-    api = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+    ui = json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8"))
+    api = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text(encoding="utf-8"))
     shots = artifacts_dir() / "browser"
     browser.load_ui(ui, f"{name}.json")
     browser.fit_view()

@@ -170,7 +170,7 @@ def test_file_not_matching_the_index(saved):
     first, second = sorted(index["files"])[:2]
     moved = next(k for k, f in index["weight_map"].items() if f == first)
     index["weight_map"][moved] = second
-    (saved / INDEX_FILE).write_text(json.dumps(index))
+    (saved / INDEX_FILE).write_text(json.dumps(index), encoding="utf-8")
     with pytest.raises(CheckpointError, match=f"does not hold the tensors the index lists.*{moved}"):
         load_state_dict_from_folder(saved)
 
@@ -178,10 +178,10 @@ def test_file_not_matching_the_index(saved):
 def test_damaged_index_tables(saved):
     index = read_index(saved)
     for key, damaged in (("files", None), ("components", []), ("weight_map", ["a", "b"])):
-        (saved / INDEX_FILE).write_text(json.dumps({**index, key: damaged}))
+        (saved / INDEX_FILE).write_text(json.dumps({**index, key: damaged}), encoding="utf-8")
         with pytest.raises(CheckpointError, match=f"has no valid '{key}' table.*re-convert"):
             load_state_dict_from_folder(saved)
-    (saved / INDEX_FILE).write_text(json.dumps(["not", "an", "index"]))
+    (saved / INDEX_FILE).write_text(json.dumps(["not", "an", "index"]), encoding="utf-8")
     with pytest.raises(CheckpointError, match="is not a comfy_mm_interleaved index"):
         read_index(saved)
 
@@ -200,25 +200,27 @@ def test_existing_destination(tmp_path, reference, tiny_config, saved):
         save_pretrained(reference, saved, config=tiny_config)
     # what the user added (tokenizer/, notes) stays; the weights, config and index are replaced
     (saved / "tokenizer").mkdir()
-    (saved / "tokenizer" / "tokenizer.json").write_text("{}")
-    (saved / "notes.txt").write_text("mine")
+    (saved / "tokenizer" / "tokenizer.json").write_text("{}", encoding="utf-8")
+    (saved / "notes.txt").write_text("mine", encoding="utf-8")
     old_files = set(read_index(saved)["files"])
     save_pretrained(reference, saved, config=tiny_config, dtype="float16", overwrite=True, max_shard_bytes=2**16)
     index = read_index(saved)
     assert index["dtype"] == "float16" and set(index["files"]) != old_files  # smaller shards: other file names
     names = {p.name for p in saved.iterdir()}
     assert names == {"config.json", "weights_index.json", "tokenizer", "notes.txt", *index["files"]}
-    assert (saved / "tokenizer" / "tokenizer.json").read_text() == "{}" and (saved / "notes.txt").read_text() == "mine"
+    assert (saved / "tokenizer" / "tokenizer.json").read_text(encoding="utf-8") == "{}" and (
+        saved / "notes.txt"
+    ).read_text(encoding="utf-8") == "mine"
     assert sorted(p.name for p in saved.parent.iterdir()) == [saved.name]
 
     for name, files in (("not_a_model", {"notes.txt": "keep me"}), ("hf_model", {"config.json": "{}", "x.bin": "w"})):
         other = tmp_path / name  # a plain folder, or another library's model folder (it has a config.json too)
         other.mkdir()
         for file, text in files.items():
-            (other / file).write_text(text)
+            (other / file).write_text(text, encoding="utf-8")
         with pytest.raises(CheckpointError, match="not a model folder written by comfy_mm_interleaved"):
             save_pretrained(reference, other, config=tiny_config, overwrite=True)
-        assert {p.name: p.read_text() for p in other.iterdir()} == files
+        assert {p.name: p.read_text(encoding="utf-8") for p in other.iterdir()} == files
 
     empty = tmp_path / "empty"
     empty.mkdir()

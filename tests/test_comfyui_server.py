@@ -54,7 +54,7 @@ GENERATION_TARGET = 0.9
 def reliable_attributes() -> tuple[str, ...]:
     """The attributes the embedded model draws right at least 90 % of the time (MMFS on, full test split), and the
     position's ``row`` or ``column`` on its own where only that part is reliable."""
-    report = json.loads((EMBEDDED_MODEL / "shapestories_eval.json").read_text())
+    report = json.loads((EMBEDDED_MODEL / "shapestories_eval.json").read_text(encoding="utf-8"))
     generation = report["results"]["mmfs_on"]["generation"]
     measured = {**generation["attributes"]}
     if measured["position"]["ratio"] < GENERATION_TARGET:
@@ -124,7 +124,7 @@ def check_saved_document(server: ComfyUIServer, entry: dict, node: str) -> str:
     """The HTML page the save node wrote holds every saved image (as a data URI), in order; returns the page."""
     saved = outputs_of(entry)[node]
     (html_file,) = saved["html"]
-    page = (server.output / html_file).read_text()
+    page = (server.output / html_file).read_text(encoding="utf-8")
     positions = [page.index(f'title="{item["filename"]}"') for item in saved["images"]]
     assert positions == sorted(positions)
     embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)  # standalone: each PNG inside the page

@@ -82,8 +82,8 @@ def _make_sd(folder: Path, config: MMInterleavedConfig) -> None:
     )
     CLIPTextModel(text).save_pretrained(folder / "text_encoder")
     vocab, merges = folder / "vocab.json", folder / "merges.txt"
-    vocab.write_text(json.dumps(TOKENS))
-    merges.write_text("#version: 0.2\n")
+    vocab.write_text(json.dumps(TOKENS), encoding="utf-8")
+    merges.write_text("#version: 0.2\n", encoding="utf-8")
     tokenizer = CLIPTokenizer(str(vocab), str(merges), pad_token="!", model_max_length=dec.prompt_length)
     tokenizer.save_pretrained(folder / "tokenizer")
 
@@ -221,10 +221,10 @@ def test_missing_folders_and_files(folders, config, tmp_path):
 
 def test_config_mismatch_is_listed(folders, config, tmp_path):
     llama = _copy(folders["llm"], tmp_path)
-    data = json.loads((llama / "config.json").read_text())
+    data = json.loads((llama / "config.json").read_text(encoding="utf-8"))
     data["hidden_size"] += 8
     data["num_hidden_layers"] += 1
-    (llama / "config.json").write_text(json.dumps(data))
+    (llama / "config.json").write_text(json.dumps(data), encoding="utf-8")
     with pytest.raises(CheckpointError) as info:
         build_from_components(config, llama, folders["clip"], folders["sd"])
     hidden, layers = config.llm.hidden_size, config.llm.num_hidden_layers

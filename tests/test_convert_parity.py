@@ -149,7 +149,7 @@ def _copy_release(tmp_path):
 def test_convert_rejects_misshaped_tensors(tmp_path, reference, tiny_config):
     """Same keys, other sizes: caught in the shape pass, before any file is written."""
     src = _copy_release(tmp_path)
-    index = json.loads((src / OFFICIAL_INDEX).read_text())
+    index = json.loads((src / OFFICIAL_INDEX).read_text(encoding="utf-8"))
     key = "mm_decoder.norm.weight"
     shard = src / index["weight_map"][key]
     state = torch.load(shard, weights_only=True)
@@ -167,7 +167,7 @@ def test_convert_rejects_tensors_of_the_wrong_kind(tmp_path, reference, tiny_con
     """An integer tensor where the model has a floating one: refused before any file is written (a cast would
     not make it right); another float precision is fine (cast on conversion)."""
     src = _copy_release(tmp_path)
-    index = json.loads((src / OFFICIAL_INDEX).read_text())
+    index = json.loads((src / OFFICIAL_INDEX).read_text(encoding="utf-8"))
     key = "mm_decoder.norm.weight"
     shard = src / index["weight_map"][key]
     state = torch.load(shard, weights_only=True)
@@ -198,9 +198,9 @@ def test_convert_rejects_broken_releases(tmp_path, tiny_config):
     shards[-1].unlink()
     with pytest.raises(CheckpointError, match=f"lists shard\\(s\\) missing.*{shards[-1].name}"):
         convert_official(src, tmp_path / "model", config=tiny_config)
-    index = json.loads((src / OFFICIAL_INDEX).read_text())
+    index = json.loads((src / OFFICIAL_INDEX).read_text(encoding="utf-8"))
     for weight_map in (list(index["weight_map"]), {**index["weight_map"], "soi_token": 3}):
-        (src / OFFICIAL_INDEX).write_text(json.dumps({**index, "weight_map": weight_map}))
+        (src / OFFICIAL_INDEX).write_text(json.dumps({**index, "weight_map": weight_map}), encoding="utf-8")
         with pytest.raises(CheckpointError, match="'weight_map' must map each tensor name to a shard file name"):
             convert_official(src, tmp_path / "model", config=tiny_config)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "release"]
@@ -209,7 +209,7 @@ def test_convert_rejects_broken_releases(tmp_path, tiny_config):
 def test_convert_refuses_code_in_pickles(tmp_path, tiny_config):
     """weights_only=True: a pickle that would run code is refused, not executed."""
     src = _copy_release(tmp_path)
-    index = json.loads((src / OFFICIAL_INDEX).read_text())
+    index = json.loads((src / OFFICIAL_INDEX).read_text(encoding="utf-8"))
     shard = src / sorted(set(index["weight_map"].values()))[0]
     torch.save({"payload": shutil.rmtree}, shard)  # unpickling would import an arbitrary callable
     with pytest.raises(CheckpointError, match="not a readable PyTorch weights file"):
@@ -218,7 +218,7 @@ def test_convert_refuses_code_in_pickles(tmp_path, tiny_config):
 
 def test_release_layout_fits_the_default_config():
     """The converter's expectation for the default config (an empty build) accepts the real 13B release layout."""
-    release = {k: tuple(shape) for k, (shape, _) in json.loads(REFERENCE_KEYS.read_text()).items()}
+    release = {k: tuple(shape) for k, (shape, _) in json.loads(REFERENCE_KEYS.read_text(encoding="utf-8")).items()}
     expected = expected_tensor_specs(MMInterleavedConfig.official_13b())
     check_tensor_specs(release, expected, "the 13B release", "none needed")
     position_ids = "visual_tokenizer.encoder.vision_model.embeddings.position_ids"

@@ -28,7 +28,7 @@ def test_embedded_folder_contents_and_size() -> None:
     folder = EMBEDDED_MODEL_DIR
     weights = sorted(folder.glob("*.safetensors"))
     assert weights and sum(p.stat().st_size for p in weights) <= MAX_BYTES
-    report = json.loads((folder / "training_report.json").read_text())
+    report = json.loads((folder / "training_report.json").read_text(encoding="utf-8"))
     recipe = embedded_config().to_dict()
     for stage in report.get("continuations", []):  # later training stages and the config fields they set
         assert stage["steps"] > 0 and (REPO / stage["config"]).is_file(), stage
@@ -58,7 +58,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("embedded_eval")
     arguments = ["eval", "shapes", "--out", str(out), "--limit", str(LIMIT), "--threads", "1", "--no-progress"]
     assert main([*arguments, "--ablation", "off", "--sheet-stories", "0"]) == 0
-    return json.loads((out / "report.json").read_text())
+    return json.loads((out / "report.json").read_text(encoding="utf-8"))
 
 
 def test_fixed_seed_captions_are_exact(report: dict) -> None:

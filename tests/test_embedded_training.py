@@ -182,7 +182,7 @@ def test_smooth_and_line_chart(tmp_path: Path) -> None:
 
 def test_read_metrics(tmp_path: Path) -> None:
     csv = tmp_path / "metrics.csv"
-    csv.write_text("step,time,tag,value\n1,0.5,loss,3.0\n1,0.5,lr,0.1\n2,1.0,loss,2.5\n")
+    csv.write_text("step,time,tag,value\n1,0.5,loss,3.0\n1,0.5,lr,0.1\n2,1.0,loss,2.5\n", encoding="utf-8")
     assert read_metrics(csv) == {"loss": [(1, 3.0), (2, 2.5)], "lr": [(1, 0.1)]}
     assert read_metrics(tmp_path / "missing.csv") == {}
 
@@ -201,7 +201,9 @@ def test_averaged_weights(tmp_path: Path) -> None:
 
 
 def write_recipe(path: Path, stages: list[dict], **top) -> Path:
-    path.write_text(yaml.safe_dump({"vae_steps": 3, "vae_batch_size": 4, "seed": 0, **top, "stages": stages}))
+    path.write_text(
+        yaml.safe_dump({"vae_steps": 3, "vae_batch_size": 4, "seed": 0, **top, "stages": stages}), encoding="utf-8"
+    )
     return path
 
 
@@ -246,9 +248,9 @@ def test_train_embedded_runs_the_recipe_stage_by_stage_and_resumes(tmp_path: Pat
     stages = out / "stages"
     assert main([*args, "--until", "gated"]) == 0
     assert sorted(p.name for p in stages.iterdir()) == ["01_first", "02_gated"] and not (out / "model").exists()
-    first = json.loads((stages / "01_first" / "model" / "stage.json").read_text())
+    first = json.loads((stages / "01_first" / "model" / "stage.json").read_text(encoding="utf-8"))
     assert first["steps"] == 2 and first["averaged_checkpoints"] == [2] and first["from"] == str(out / "init")
-    gated = json.loads((stages / "02_gated" / "model" / "stage.json").read_text())
+    gated = json.loads((stages / "02_gated" / "model" / "stage.json").read_text(encoding="utf-8"))
     assert gated["averaged_checkpoints"] == [2, 1] and gated["from"] == str(stages / "01_first" / "model")
     gated_model = from_pretrained(stages / "02_gated" / "model")
     assert gated_model.config.image_context_embeddings and not gated_model.context_embed_gate.any()
@@ -278,7 +280,7 @@ def test_train_embedded_runs_the_recipe_stage_by_stage_and_resumes(tmp_path: Pat
     assert {n: (stages / n / "model" / "stage.json").stat().st_mtime_ns for n in finished} == finished
 
     model_dir = out / "model"
-    report = json.loads((model_dir / "training_report.json").read_text())
+    report = json.loads((model_dir / "training_report.json").read_text(encoding="utf-8"))
     assert [s["name"] for s in report["stages"]] == ["first", "gated", "probed"]
     assert [s["steps"] for s in report["stages"]] == [2, 2, 2] and report["steps"] == 6
     assert set(report["wall_seconds"]) == {"vae", "first", "gated", "probed"}
@@ -290,7 +292,7 @@ def test_train_embedded_runs_the_recipe_stage_by_stage_and_resumes(tmp_path: Pat
     assert not (model_dir / "stage.json").exists()
     weights = load_file(str(model_dir / "connector-00001.safetensors"))
     assert "context_embed_gate" in weights and not any(k.startswith("attribute_probe.") for k in weights)
-    vae_scale = json.loads((out / "init" / "vae_training.json").read_text())["scaling_factor"]
+    vae_scale = json.loads((out / "init" / "vae_training.json").read_text(encoding="utf-8"))["scaling_factor"]
     engine = InterleavedEngine.from_pretrained(model_dir, device="cpu")
     assert engine.model.image_decoder.decoder.scaling_factor == pytest.approx(vae_scale)
     assert engine.model.config.image_context_embeddings
@@ -301,7 +303,7 @@ def test_train_embedded_runs_the_recipe_stage_by_stage_and_resumes(tmp_path: Pat
     assert isinstance(reply.text, str)
     # the export alone rebuilds the folder from the finished stages
     assert main([*args, "--stage", "export", "--export", str(tmp_path / "again")]) == 0
-    assert json.loads((tmp_path / "again" / "training_report.json").read_text())["steps"] == 6
+    assert json.loads((tmp_path / "again" / "training_report.json").read_text(encoding="utf-8"))["steps"] == 6
 
 
 def test_recipe_errors_are_clear(tmp_path: Path, capsys) -> None:
@@ -336,7 +338,9 @@ def test_the_shipped_recipe_is_the_shipped_model_s_history() -> None:
 
     recipe = Recipe.load(DEFAULT_RECIPE)
     shipped = json.loads(
-        (Path(__file__).resolve().parents[1] / "comfy_mm_interleaved/embedded/training_report.json").read_text()
+        (Path(__file__).resolve().parents[1] / "comfy_mm_interleaved/embedded/training_report.json").read_text(
+            encoding="utf-8"
+        )
     )
     history = [shipped["steps"], *(c["steps"] for c in shipped["continuations"])]
     steps, configs = [], [shipped["train_config"], *(c["config"] for c in shipped["continuations"])]
@@ -361,18 +365,18 @@ def test_the_shipped_recipe_rehearsed_end_to_end_builds_the_shipped_architecture
     out = tmp_path / "emb"
     small = ["--set", "data.batch_size=2", "--set", "train.num_workers=0"]
     assert main(["train-embedded", "--out", str(out), "--rehearse", "--threads", "1", *small]) == 0
-    report = json.loads((out / "model" / "training_report.json").read_text())
+    report = json.loads((out / "model" / "training_report.json").read_text(encoding="utf-8"))
     names = [stage["name"] for stage in report["stages"]]
     assert names == [stage["name"] for stage in report["recipe"]["stages"]] and len(names) == 12
     assert report["vae"]["steps"] == 3
     folders = [out / "stages" / f"{number:02d}_{name}" / "model" for number, name in enumerate(names, 1)]
     assert [stage["from"] for stage in report["stages"]] == [str(out / "init"), *map(str, folders[:-1])]
-    ours = json.loads((out / "model" / "config.json").read_text())
-    shipped = json.loads((root / "comfy_mm_interleaved" / "embedded" / "config.json").read_text())
+    ours = json.loads((out / "model" / "config.json").read_text(encoding="utf-8"))
+    shipped = json.loads((root / "comfy_mm_interleaved" / "embedded" / "config.json").read_text(encoding="utf-8"))
     ours["image_decoder"]["vae"]["scaling_factor"] = shipped["image_decoder"]["vae"]["scaling_factor"]
     assert ours == shipped
 
     def weight_names(folder: Path) -> set[str]:
-        return set(json.loads((folder / "weights_index.json").read_text())["weight_map"])
+        return set(json.loads((folder / "weights_index.json").read_text(encoding="utf-8"))["weight_map"])
 
     assert weight_names(out / "model") == weight_names(root / "comfy_mm_interleaved" / "embedded")

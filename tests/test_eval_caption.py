@@ -63,7 +63,7 @@ def coco_dataset(root: Path) -> Path:
         filename = f"COCO_val2014_{500000 + i:012d}.jpg"
         draw(root / "val2014" / filename, i)
         images.append(karpathy_entry(i, filename, split, "val2014"))
-    (root / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
+    (root / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}), encoding="utf-8")
     return root
 
 
@@ -73,7 +73,9 @@ def flickr_dataset(root: Path) -> Path:
         filename = f"{1000092795 + i}.jpg"
         draw(root / "flickr30k-images" / filename, i)
         images.append(karpathy_entry(i, filename, "test", None))
-    (root / "dataset_flickr30k.json").write_text(json.dumps({"images": images, "dataset": "flickr30k"}))
+    (root / "dataset_flickr30k.json").write_text(
+        json.dumps({"images": images, "dataset": "flickr30k"}), encoding="utf-8"
+    )
     return root
 
 
@@ -88,7 +90,9 @@ def nocaps_dataset(root: Path) -> Path:
              "coco_url": f"https://example.org/{file_name}", "domain": domain}
         )  # fmt: skip
         annotations += [{"image_id": i, "id": 10 * i + j, "caption": c} for j, c in enumerate(REFERENCES[i])]
-    (root / "nocaps_val_4500_captions.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    (root / "nocaps_val_4500_captions.json").write_text(
+        json.dumps({"images": images, "annotations": annotations}), encoding="utf-8"
+    )
     return root
 
 
@@ -98,7 +102,7 @@ def run_cli(task: str, model: Path, data: Path, out: Path, *extra: str) -> int:
 
 
 def read_items(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out / "items.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
 @pytest.fixture
@@ -197,11 +201,11 @@ def test_caption_bad_input_is_a_clear_error(eval_model_dir, tmp_path, capsys, br
     if breakage == "missing":
         annotation.unlink()
     elif breakage == "malformed":
-        annotation.write_text('{"images": [')
+        annotation.write_text('{"images": [', encoding="utf-8")
     elif breakage == "no_raw":
-        content = json.loads(annotation.read_text())
+        content = json.loads(annotation.read_text(encoding="utf-8"))
         del content["images"][1]["sentences"][0]["raw"]
-        annotation.write_text(json.dumps(content))
+        annotation.write_text(json.dumps(content), encoding="utf-8")
     else:
         for path in (data / "val2014").iterdir():
             path.unlink()
@@ -217,7 +221,7 @@ def test_run_folder_resume_bookkeeping(tmp_path):
     run = RunFolder(out, {"a": 1, "nested": {"b": (1, 2)}})
     run.append({"key": "x", "value": 1})
     run.append({"key": "y", "value": 2})
-    with (out / "items.jsonl").open("a") as file:
+    with (out / "items.jsonl").open("a", encoding="utf-8") as file:
         file.write('{"key": "z", "val')  # a run killed in the middle of a line
     run = RunFolder(out, {"a": 1, "nested": {"b": [1, 2]}})  # tuples and lists are the same setting
     assert run.done_keys() == {"x", "y"}
@@ -226,7 +230,7 @@ def test_run_folder_resume_bookkeeping(tmp_path):
     with pytest.raises(ValueError, match=r"nested\.b: \[1, 2\] -> \[1, 3\]"):
         RunFolder(out, {"a": 1, "nested": {"b": [1, 3]}})
     assert RunFolder(out, {"a": 2}, overwrite=True).items() == []
-    (out / "items.jsonl").write_text('{"key": "x"}\nnot json\n')
+    (out / "items.jsonl").write_text('{"key": "x"}\nnot json\n', encoding="utf-8")
     with pytest.raises(ValueError, match="line 2 is not valid JSON"):
         RunFolder(out, {"a": 2}).items()
     with pytest.raises(TypeError, match="string 'key'"):

@@ -57,7 +57,7 @@ def coco(tmp_path_factory) -> Path:
         for variant, text in enumerate([f"A {COLOURS[index]} {SHAPES[index]}.", f"a {SHAPES[index]} at the center"]):
             annotations.append({"id": 1000 + 10 * index + variant, "image_id": image_id, "caption": text})
     data = {"info": {}, "licenses": [], "images": images, "annotations": annotations}
-    (root / "annotations" / "captions_val2014.json").write_text(json.dumps(data))
+    (root / "annotations" / "captions_val2014.json").write_text(json.dumps(data), encoding="utf-8")
     return root
 
 
@@ -73,7 +73,7 @@ def lncoco(tmp_path_factory) -> Path:
         json.dumps({"dataset_id": "mscoco_val2017", "image_id": str(i), "annotator_id": 1, "caption": c})
         for i, c in records
     ]
-    (root / "coco_val_captions.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "coco_val_captions.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root
 
 
@@ -93,8 +93,8 @@ def clip_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("clip")
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
     tokens = ["<|startoftext|>", "<|endoftext|>", "!", *letters, *(f"{c}</w>" for c in letters), ".", ".</w>"]
-    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(tokens)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
     tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="!")
     text = {
         "vocab_size": len(tokens),
@@ -123,11 +123,11 @@ def clip_dir(tmp_path_factory) -> Path:
 
 
 def _read(path: Path) -> dict:
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _items(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out / "items.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -278,8 +278,8 @@ def test_lncoco_images_only_then_metrics(eval_model_dir, lncoco, inception_file,
     # again, identically (seeded)
     last = out / "images" / "00003.png"
     pixels = Image.open(last).tobytes()
-    lines = (out / "items.jsonl").read_text().splitlines(keepends=True)
-    (out / "items.jsonl").write_text("".join(lines[:-1]))
+    lines = (out / "items.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (out / "items.jsonl").write_text("".join(lines[:-1]), encoding="utf-8")
     assert main([*command, "--images-only"]) == 0
     assert _read(out / "report.json")["timings"]["images_generated"] == 1
     assert Image.open(last).tobytes() == pixels and len(_items(out)) == 4
@@ -320,7 +320,7 @@ def test_t2i_bad_input(eval_model_dir, coco, lncoco, inception_file, tmp_path, c
 
     broken = tmp_path / "broken"
     (broken / "annotations").mkdir(parents=True)
-    (broken / "annotations" / "captions_val2014.json").write_text('{"annotations": [')
+    (broken / "annotations" / "captions_val2014.json").write_text('{"annotations": [', encoding="utf-8")
     assert "is not valid JSON" in _error(capsys, [*with_inception, "--data", str(broken)])
 
     partial = tmp_path / "partial"
@@ -343,7 +343,7 @@ def test_t2i_bad_input(eval_model_dir, coco, lncoco, inception_file, tmp_path, c
 
     bad_lines = tmp_path / "bad-lncoco"
     shutil.copytree(lncoco, bad_lines)
-    with (bad_lines / "coco_val_captions.jsonl").open("a") as file:
+    with (bad_lines / "coco_val_captions.jsonl").open("a", encoding="utf-8") as file:
         file.write('{"image_id": "7", "caption": \n')
     lncoco_command = ["eval", "lncoco-t2i", "--model", str(tmp_path), "--data", str(bad_lines), "--images-only"]
     assert "line 4 is not valid JSON" in _error(capsys, lncoco_command)

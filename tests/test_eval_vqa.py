@@ -58,8 +58,10 @@ def vqa_pair(root: Path, questions_name: str, annotations_name: str) -> Path:
              "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": j + 1} for j, a in enumerate(answers)]}
         )  # fmt: skip
     info = {"info": {}, "license": {}, "data_subtype": "val2014"}
-    (root / questions_name).write_text(json.dumps({**info, "task_type": "Open-Ended", "questions": questions}))
-    (root / annotations_name).write_text(json.dumps({**info, "annotations": annotations}))
+    (root / questions_name).write_text(
+        json.dumps({**info, "task_type": "Open-Ended", "questions": questions}), encoding="utf-8"
+    )
+    (root / annotations_name).write_text(json.dumps({**info, "annotations": annotations}), encoding="utf-8")
     return root
 
 
@@ -82,7 +84,8 @@ def textvqa_dataset(root: Path) -> Path:
              "question_tokens": question.lower().split(), "question_id": 34602 + i, "set_name": "val"}
         )  # fmt: skip
     (root / "TextVQA_0.5.1_val.json").write_text(
-        json.dumps({"dataset_type": "val", "dataset_name": "textvqa", "dataset_version": "0.5.1", "data": data})
+        json.dumps({"dataset_type": "val", "dataset_name": "textvqa", "dataset_version": "0.5.1", "data": data}),
+        encoding="utf-8",
     )
     return root
 
@@ -96,7 +99,7 @@ def vizwiz_dataset(root: Path) -> Path:
             {"image": image, "question": question, "answerable": 1, "answer_type": ANSWER_TYPES[i],
              "answers": [{"answer": a, "answer_confidence": "yes"} for a in answers]}
         )  # fmt: skip
-    (root / "val.json").write_text(json.dumps(entries))
+    (root / "val.json").write_text(json.dumps(entries), encoding="utf-8")
     return root
 
 
@@ -144,7 +147,7 @@ def test_vqa_end_to_end_official_protocol(task, eval_model_dir, tmp_path, spy): 
     assert report["counts"] == {"selected": 3, "evaluated": 3, "skipped_this_run": 0}
     assert report["settings"]["prompt"] == f"{OFFICIAL_BEFORE} <image>{{question}}{sentence} {OFFICIAL_AFTER}"
     assert report["settings"]["answer_extraction"] == "official"
-    items = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
+    items = [json.loads(line) for line in (out / "items.jsonl").read_text(encoding="utf-8").splitlines()]
     accuracy = vizwiz_accuracy if task == "vizwiz" else vqa_accuracy
     scored = [extract_short_answer(item["text"]) for item in items]
     expected = [accuracy(answer, answers) for answer, answers in zip(scored, ANSWERS)]
@@ -184,11 +187,11 @@ def test_vqa_bad_input_is_a_clear_error(eval_model_dir, tmp_path, capsys, breaka
     if breakage == "missing_questions":
         questions.unlink()
     elif breakage == "malformed":
-        questions.write_text("{")
+        questions.write_text("{", encoding="utf-8")
     elif breakage == "unannotated":
-        content = json.loads(questions.read_text())
+        content = json.loads(questions.read_text(encoding="utf-8"))
         content["questions"][0]["question_id"] = 7
-        questions.write_text(json.dumps(content))
+        questions.write_text(json.dumps(content), encoding="utf-8")
     else:
         extra = ["--annotations", str(tmp_path / "elsewhere.json")]
     assert run_cli("vqav2", eval_model_dir, data, tmp_path / "out", *extra) == 1
@@ -200,6 +203,6 @@ def test_vqa_bad_input_is_a_clear_error(eval_model_dir, tmp_path, capsys, breaka
 
 def test_vizwiz_file_must_be_a_list(eval_model_dir, tmp_path, capsys):  # noqa: F811
     data = vizwiz_dataset(tmp_path / "vizwiz")
-    (data / "val.json").write_text(json.dumps({"images": []}))
+    (data / "val.json").write_text(json.dumps({"images": []}), encoding="utf-8")
     assert run_cli("vizwiz", eval_model_dir, data, tmp_path / "out") == 1
     assert "must be a JSON list of questions" in capsys.readouterr().err

@@ -39,7 +39,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
         "train": {"output_dir": str(root / "out"), "progress_bar": False, "cpu": True, **schedule},
         "data": {"seq_len": 48, "batch_size": 1, "sources": [source]},
     }
-    (root / "c.yaml").write_text(yaml.safe_dump(data))
+    (root / "c.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
     train(TrainConfig.load(root / "c.yaml"))
     return base, [folder for _, folder in sorted(list_checkpoints(root / "out" / "checkpoints"))]  # by step
 
@@ -62,7 +62,7 @@ def test_export_averages_checkpoints_and_applies_overrides(run, tmp_path: Path) 
     moved = [n for n in first if first[n].is_floating_point() and not torch.equal(first[n], second[n])]
     assert moved  # the run really trained, so the mean differs from either checkpoint
     assert (out / "tokenizer" / "tokenizer.json").is_file()
-    report = json.loads((out / "export.json").read_text())
+    report = json.loads((out / "export.json").read_text(encoding="utf-8"))
     assert [c["step"] for c in report["checkpoints"]] == [2, 3]
     assert report["overrides"] == ["image_context_layer=1"] and report["base"] == str(base)
 
@@ -91,19 +91,19 @@ def test_export_with_an_override_that_adds_weights_keeps_their_initialisation(ru
     for name, tensor in model.state_dict().items():
         if name != "context_embed_gate":
             assert torch.equal(tensor, trained[name]), name
-    assert json.loads((out / "export.json").read_text())["initialised"] == ["context_embed_gate"]
+    assert json.loads((out / "export.json").read_text(encoding="utf-8"))["initialised"] == ["context_embed_gate"]
     # a weight of the base model itself is never made up: a checkpoint that lacks one is refused
     partial = tmp_path / "partial"
     shutil.copytree(checkpoints[-1], partial)
     weights = load_file(str(partial / "model.safetensors"))
     del weights["soi_token"]
     save_file(weights, str(partial / "model.safetensors"))
-    manifest = json.loads((partial / MANIFEST).read_text())
+    manifest = json.loads((partial / MANIFEST).read_text(encoding="utf-8"))
     manifest["files"]["model.safetensors"] = {
         "size": (partial / "model.safetensors").stat().st_size,
         "sha256": file_digest(partial / "model.safetensors"),
     }
-    (partial / MANIFEST).write_text(json.dumps(manifest))
+    (partial / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
     with pytest.raises(ValueError, match=r"1 missing keys \(e.g. \['soi_token'\]\)"):
         export_checkpoint([partial], base, tmp_path / "x", ["image_context_embeddings=true"])
 

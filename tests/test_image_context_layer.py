@@ -35,9 +35,9 @@ def layer_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     """The tiny model folder with ``image_context_layer = LAYER`` in its config."""
     folder = tmp_path_factory.mktemp("context_layer") / "model"
     shutil.copytree(model_dir, folder)
-    config = json.loads((folder / "config.json").read_text())
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     config["image_context_layer"] = LAYER
-    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
     return folder
 
 

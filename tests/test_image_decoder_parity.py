@@ -203,7 +203,9 @@ def test_image_decoder_ddpm_step_parity(decoder: ImageDecoder, generate_case) ->
 def test_image_decoder_generator_draws_parity(decoder: ImageDecoder, generate_case, golden: Path) -> None:
     """The sampler's seeded draws are the official pipeline's: init latents, then one variance noise per step."""
     case = generate_case
-    seed = json.loads((golden / "tiny_config.json").read_text())["model"]["image_decoder_config"]["sd_base_seed"]
+    seed = json.loads((golden / "tiny_config.json").read_text(encoding="utf-8"))["model"]["image_decoder_config"][
+        "sd_base_seed"
+    ]
     generator = torch.Generator().manual_seed(seed)
     shape = tuple(case["image.init_latents"].shape)
     assert_close(initial_latents(shape, generator, torch.device("cpu"), torch.float32), case["image.init_latents"], 0.0)
@@ -264,7 +266,7 @@ def test_image_decoder_official_13b_meta_keys_parity() -> None:
     candidates = [path / "official_state_dict_keys.json" for path in (golden_dir().parent / "reference", REFERENCE_DIR)]
     found = [path for path in candidates if path.exists()]
     assert found, f"official_state_dict_keys.json not found in {[str(p) for p in candidates]}"
-    reference = json.loads(found[0].read_text())
+    reference = json.loads(found[0].read_text(encoding="utf-8"))
     expected = {
         k.removeprefix(PREFIX): (tuple(shape), dtype) for k, (shape, dtype) in reference.items() if k.startswith(PREFIX)
     }

@@ -30,7 +30,7 @@ def test_cli_generate_writes_ordered_documents_pngs_and_report(model_dir, tmp_pa
         {"sentences": [words(ordinary_ids(config, 2, 5))], "images": ["second.png"], "sentence_ixs": [0],
          "image_first": [True]},
     ]  # fmt: skip
-    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps(d) for d in documents) + "\n")
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps(d) for d in documents) + "\n", encoding="utf-8")
     out = tmp_path / "out"
     result = run_cli(
         "--model", str(model_dir), "--input", str(tmp_path / "docs.jsonl"), "--out", str(out),
@@ -41,10 +41,10 @@ def test_cli_generate_writes_ordered_documents_pngs_and_report(model_dir, tmp_pa
     outputs = sorted(p.name for p in out.glob("*.json"))
     assert outputs == ["doc-00000.json", "doc-00001.json", "report.json"]
 
-    first = json.loads((out / "doc-00000.json").read_text())
+    first = json.loads((out / "doc-00000.json").read_text(encoding="utf-8"))
     assert first[0] == {"text": words(ordinary_ids(config, 3))}
     assert [list(s) for s in first] == [["text"], ["image"], ["text"], ["image"]]  # text then the forced image
-    second = json.loads((out / "doc-00001.json").read_text())
+    second = json.loads((out / "doc-00001.json").read_text(encoding="utf-8"))
     assert second[1] == {"text": words(ordinary_ids(config, 2, 5))}
     for doc, source in ((first, "first.png"), (second, "second.png")):
         images = [s["image"] for s in doc if "image" in s]
@@ -54,7 +54,7 @@ def test_cli_generate_writes_ordered_documents_pngs_and_report(model_dir, tmp_pa
         size = config.image_decoder.image_size
         assert all(Image.open(out / name).size == (size, size) for name in images[1:])
 
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert [d["output"] for d in report["documents"]] == ["doc-00000.json", "doc-00001.json"]
     assert report["totals"]["images_generated"] == 2 and report["totals"]["tokens_generated"] >= 1
     assert report["text_options"]["seed"] == 4 and report["image_options"]["seed"] == 4
@@ -63,7 +63,7 @@ def test_cli_generate_writes_ordered_documents_pngs_and_report(model_dir, tmp_pa
 
 
 def test_cli_generate_refuses_an_empty_document(model_dir, tmp_path: Path) -> None:  # noqa: F811
-    (tmp_path / "docs.jsonl").write_text('[{"text": "w5"}]\n[]\n')
+    (tmp_path / "docs.jsonl").write_text('[{"text": "w5"}]\n[]\n', encoding="utf-8")
     result = run_cli("--model", str(model_dir), "--input", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "o"))
     assert result.returncode == 1
     assert "document 2 is empty" in result.stderr and "Traceback" not in result.stderr
@@ -75,7 +75,7 @@ def test_cli_generate_checks_every_document_first_and_names_the_bad_one(model_di
     noise_image(1).save(tmp_path / "a.png")
     too_many = config.llm.mmfs.max_num_images  # one more than the model reads
     documents = [[{"text": words(ordinary_ids(config, 2))}], [{"image": "a.png"}] * too_many]
-    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps(d) for d in documents) + "\n")
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps(d) for d in documents) + "\n", encoding="utf-8")
     out = tmp_path / "out"
     result = run_cli("--model", str(model_dir), "--input", str(tmp_path / "docs.jsonl"), "--out", str(out))
     assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -83,7 +83,7 @@ def test_cli_generate_checks_every_document_first_and_names_the_bad_one(model_di
     assert not out.exists()  # refused before the first document was generated
 
     annotation = [{"sentences": ["w5 w6"], "images": [], "sentence_ixs": [], "generate_mode": "generate_videos"}]
-    (tmp_path / "annt.json").write_text(json.dumps(annotation))
+    (tmp_path / "annt.json").write_text(json.dumps(annotation), encoding="utf-8")
     result = run_cli("--model", str(model_dir), "--input", str(tmp_path / "annt.json"), "--out", str(out))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "document 1: generate_mode must be one of ['generate_texts', 'generate_images'], got 'generate_videos'" in (

@@ -100,7 +100,7 @@ def test_document_is_immutable_and_readable() -> None:
 def test_json_round_trip_writes_relative_pngs(tmp_path: Path) -> None:
     doc = Interleaved(["first", noise_image(3, (30, 20)), TextPart("second", (5, 6)), noise_image(4)])
     path = doc.append_pending_image().to_json(tmp_path / "out" / "story.json")
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     assert data == [
         {"text": "first"},
         {"image": "story-00.png"},
@@ -122,14 +122,14 @@ def test_json_errors_name_the_segment(tmp_path: Path) -> None:
         "missing.json": ([{"image": "nowhere.png"}], FileNotFoundError, "nowhere.png"),
     }
     for name, (content, error, message) in cases.items():
-        (tmp_path / name).write_text(json.dumps(content))
+        (tmp_path / name).write_text(json.dumps(content), encoding="utf-8")
         with pytest.raises(error, match=message):
             Interleaved.from_json(tmp_path / name)
-    (tmp_path / "broken.json").write_text("[{")
+    (tmp_path / "broken.json").write_text("[{", encoding="utf-8")
     with pytest.raises(ValueError, match="not valid JSON"):
         Interleaved.from_json(tmp_path / "broken.json")
     (tmp_path / "corrupt.png").write_bytes(b"not an image")
-    (tmp_path / "corrupt.json").write_text(json.dumps([{"image": "corrupt.png"}]))
+    (tmp_path / "corrupt.json").write_text(json.dumps([{"image": "corrupt.png"}]), encoding="utf-8")
     with pytest.raises(ValueError, match="cannot read image"):
         Interleaved.from_json(tmp_path / "corrupt.json")
 
@@ -148,7 +148,7 @@ def test_official_annotation_import(tmp_path: Path) -> None:
         },
         {"sentences": ["A photo of"], "images": ["b.png"], "sentence_ixs": [0], "image_first": [True]},
     ]
-    (tmp_path / "annt.json").write_text(json.dumps(entries))
+    (tmp_path / "annt.json").write_text(json.dumps(entries), encoding="utf-8")
     docs = Interleaved.from_official_annotation(tmp_path / "annt.json")
     assert [d.to_readable_text() for d in docs] == [
         "<image 1> one. two. <image 2> three. <image 3>",
@@ -166,7 +166,7 @@ def test_official_annotation_import(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="gone.png"):
         Interleaved.from_official_annotation(missing, base_dir=tmp_path)
     nowhere = [{"sentences": ["x", "y"], "images": ["a.png"], "sentence_ixs": [5], "image_first": [False]}]
-    (tmp_path / "nowhere.json").write_text(json.dumps(nowhere))
+    (tmp_path / "nowhere.json").write_text(json.dumps(nowhere), encoding="utf-8")
     with pytest.raises(
         ValueError, match=r"nowhere.json, entry 0: sentence_ixs\[0\] = 5 is not a sentence index \(0 to 1\)"
     ):
@@ -181,12 +181,12 @@ def test_jsonl_documents(tmp_path: Path) -> None:
         json.dumps({"segments": ["two", {"image": "a.png"}, {"text": "x", "loss": False}]}),
         json.dumps({"sentences": ["three"], "images": ["a.png"], "sentence_ixs": [0], "image_first": [False]}),
     ]
-    (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     docs = load_documents(tmp_path / "docs.jsonl")
     assert [d.to_readable_text() for d in docs] == ["one <image 1>", "two <image 1> x", "three <image 1>"]
-    (tmp_path / "bad.jsonl").write_text(lines[0] + "\n" + "{oops\n")
+    (tmp_path / "bad.jsonl").write_text(lines[0] + "\n" + "{oops\n", encoding="utf-8")
     with pytest.raises(ValueError, match="line 2"):
         load_documents(tmp_path / "bad.jsonl")
-    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "empty.jsonl").write_text("\n", encoding="utf-8")
     with pytest.raises(ValueError, match="no document"):
         load_documents(tmp_path / "empty.jsonl")

@@ -329,7 +329,9 @@ def test_13b_memory_estimate_from_the_meta_build() -> None:
     and the sequential plan fits a 24 GB card."""
     budget = 22 * 2**30  # a 24 GB card less CUDA context and fragmentation
     estimate = estimate_peaks(MMInterleavedConfig.official_13b(), "bfloat16", budget)
-    official = json.loads((REPO_ROOT.parent / "shared" / "reference" / "official_state_dict_keys.json").read_text())
+    official = json.loads(
+        (REPO_ROOT.parent / "shared" / "reference" / "official_state_dict_keys.json").read_text(encoding="utf-8")
+    )
     expected = dict.fromkeys(COMPONENTS, 0)
     for key, (shape, dtype) in official.items():
         component = component_of(key)

@@ -92,7 +92,9 @@ def test_inference_generate_image_parity_injected_noise(model_dir, case) -> None
 def test_inference_generate_image_parity_seeded(model_dir, case) -> None:  # noqa: F811
     """The official seed (``sd_base_seed``) reproduces the recorded draws, so the image matches without injection."""
     doc, options, _ = image_inputs(case)
-    seed = json.loads((golden_dir() / "tiny_config.json").read_text())["model"]["image_decoder_config"]["sd_base_seed"]
+    seed = json.loads((golden_dir() / "tiny_config.json").read_text(encoding="utf-8"))["model"]["image_decoder_config"][
+        "sd_base_seed"
+    ]
     options.seed = seed
     result = new_engine(model_dir).generate_images(doc, options)
     assert_close(result.tensors, case["image.out.image"], ATOL, "image.out.image (seeded)")

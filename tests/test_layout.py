@@ -17,7 +17,7 @@ def run_python(code: str, cwd: Path) -> str:
 
 
 def test_pyproject_lists_every_package_folder() -> None:
-    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    config = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
     listed = set(config["packages"])
     found = {
         ".".join(path.parent.relative_to(REPO).parts)

@@ -24,7 +24,7 @@ def layout(state: dict[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], s
 
 @pytest.fixture(scope="module")
 def official_13b() -> dict[str, tuple[tuple[int, ...], str]]:
-    dump = json.loads(REFERENCE_KEYS.read_text())  # {key: [shape, dtype]}
+    dump = json.loads(REFERENCE_KEYS.read_text(encoding="utf-8"))  # {key: [shape, dtype]}
     return {k: (tuple(shape), dtype) for k, (shape, dtype) in dump.items()}
 
 

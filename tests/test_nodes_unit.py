@@ -151,9 +151,9 @@ def test_model_folder_lists_folders_with_config_and_index(comfyui, tmp_path) -> 
     extra = tmp_path / "extra"
     (extra / "group" / "nested").mkdir(parents=True)
     for name in ("config.json", "weights_index.json"):
-        (extra / "group" / "nested" / name).write_text("{}")
+        (extra / "group" / "nested" / name).write_text("{}", encoding="utf-8")
     (extra / "incomplete").mkdir()
-    (extra / "incomplete" / "config.json").write_text("{}")  # no weights index: not a model
+    (extra / "incomplete" / "config.json").write_text("{}", encoding="utf-8")  # no weights index: not a model
     comfyui.folder_paths.add_model_folder_path("mm_interleaved", str(extra))
     try:
         names = folder.model_names()
@@ -384,7 +384,7 @@ def test_save_interleaved_writes_pngs_json_and_html(comfyui) -> None:
     folder = comfyui.output / "stories"
     assert [i["filename"] for i in ui["images"]] == ["test_00001_-00.png", "test_00001_-01.png"]
     assert {i["subfolder"] for i in ui["images"]} == {"stories"} and ui["html"] == ["stories/test_00001_.html"]
-    page = (folder / "test_00001_.html").read_text()
+    page = (folder / "test_00001_.html").read_text(encoding="utf-8")
     assert (
         page.index('title="test_00001_-00.png"') < page.index("&lt;at&gt;") < page.index('title="test_00001_-01.png"')
     )
@@ -395,7 +395,9 @@ def test_save_interleaved_writes_pngs_json_and_html(comfyui) -> None:
     reloaded = Interleaved.from_json(folder / "test_00001_.json")
     assert reloaded.to_readable_text() == doc.to_readable_text()
     assert np.array_equal(np.asarray(reloaded.images[0]), np.asarray(doc.images[0]))
-    assert json.loads((folder / "test_00001_.json").read_text())[1] == {"text": "a small red circle <at> top left."}
+    assert json.loads((folder / "test_00001_.json").read_text(encoding="utf-8"))[1] == {
+        "text": "a small red circle <at> top left."
+    }
     second = run(comfyui.nodes["MMI_SaveInterleaved"], context=doc, filename_prefix="stories/test")
     assert second.ui["html"] == ["stories/test_00002_.html"]
     with pytest.raises(ValueError, match="the context is empty"):
@@ -446,11 +448,11 @@ def test_an_unconverted_model_folder_is_named_with_the_converter(comfyui, tmp_pa
     extra = tmp_path / "extra"
     release = extra / "mm_interleaved_pretrain"  # the official release: .bin shards and their index
     release.mkdir(parents=True)
-    (release / "pytorch_model.bin.index.json").write_text("{}")
+    (release / "pytorch_model.bin.index.json").write_text("{}", encoding="utf-8")
     converted = extra / "converted"
     (converted / "tokenizer").mkdir(parents=True)
     for name in ("config.json", "weights_index.json", "tokenizer/tokenizer_config.json"):
-        (converted / name).write_text("{}")
+        (converted / name).write_text("{}", encoding="utf-8")
     comfyui.folder_paths.add_model_folder_path("mm_interleaved", str(extra))
     try:
         assert "converted" in folder.model_names()

@@ -17,12 +17,12 @@ from conftest import golden_dir
 
 @pytest.fixture(scope="module")
 def official() -> dict:
-    return json.loads((golden_dir() / "tiny_config.json").read_text())
+    return json.loads((golden_dir() / "tiny_config.json").read_text(encoding="utf-8"))
 
 
 def read(raw: dict, tmp_path: Path) -> MMInterleavedConfig:
     path = tmp_path / "tiny_config.json"
-    path.write_text(json.dumps(raw))
+    path.write_text(json.dumps(raw), encoding="utf-8")
     return MMInterleavedConfig.from_official_tiny(path)
 
 

@@ -19,7 +19,7 @@ REFERENCE_KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / 
 
 def official_key_shapes(prefix: str) -> dict[str, tuple[int, ...]]:
     """Keys (prefix stripped) and shapes of the released 13B checkpoint, from the reference dump."""
-    dump = json.loads(REFERENCE_KEYS.read_text())  # {key: [shape, dtype]}
+    dump = json.loads(REFERENCE_KEYS.read_text(encoding="utf-8"))  # {key: [shape, dtype]}
     return {k[len(prefix) :]: tuple(v[0]) for k, v in dump.items() if k.startswith(prefix)}
 
 

@@ -172,7 +172,7 @@ def test_fixed_splits_sizes_and_disjointness() -> None:
 def test_write_split_writes_pngs_and_jsonl(tmp_path: Path) -> None:
     documents = gen.make_split(9, 2)
     jsonl = gen.write_split(tmp_path, "mini", image_size=32, documents=documents)
-    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    records = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines()]
     assert jsonl == tmp_path / "mini.jsonl" and len(records) == len(documents)
     for record, document in zip(records, documents):
         assert record["kind"] == document.kind and record["text"] == document.text

@@ -90,7 +90,7 @@ def story_step_counts(steps_per_story: list[int]) -> tuple[int, dict[str, int], 
 
 
 def test_report_counts_and_ratios(evaluated: Path, model_dir: Path) -> None:
-    report = json.loads((evaluated / "report.json").read_text())
+    report = json.loads((evaluated / "report.json").read_text(encoding="utf-8"))
     assert report["benchmark"] == "shapestories"
     assert report["model"]["folder"] == str(model_dir.resolve()) and report["model"]["embedded"] is False
     assert report["model"]["config_sha256"] == hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()
@@ -146,8 +146,8 @@ def test_report_counts_and_ratios(evaluated: Path, model_dir: Path) -> None:
 
 def test_outputs_agree_with_the_report(evaluated: Path) -> None:
     """The per-document file holds what was scored: re-deriving the counts from it gives the report's counts."""
-    report = json.loads((evaluated / "report.json").read_text())
-    lines = [json.loads(line) for line in (evaluated / "outputs.jsonl").read_text().splitlines()]
+    report = json.loads((evaluated / "report.json").read_text(encoding="utf-8"))
+    lines = [json.loads(line) for line in (evaluated / "outputs.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(lines) == 2 * 5 * LIMIT  # settings x sets x documents
     form = TextForm(spaced=True)
     split = fixed_split("test", LIMIT)
@@ -194,8 +194,8 @@ def test_cli_ablation_choice_and_determinism(evaluated: Path, model_dir: Path, t
     status = run_cli("--model", str(model_dir), "--out", str(tmp_path), "--limit", str(LIMIT), "--ablation", "off",
                      "--tasks", "caption,generation", "--sheet-stories", "0")  # fmt: skip
     assert status == 0
-    report = json.loads((tmp_path / "report.json").read_text())
-    first = json.loads((evaluated / "report.json").read_text())
+    report = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
+    first = json.loads((evaluated / "report.json").read_text(encoding="utf-8"))
     assert set(report["results"]) == {"mmfs_on"} and "ablation_drop" not in report["summary"]
     for name in ("caption", "generation"):
         assert report["results"]["mmfs_on"][name] == first["results"]["mmfs_on"][name]
@@ -209,10 +209,10 @@ def test_cli_jobs_give_the_same_outputs(
     status = run_cli("--model", str(model_dir), "--out", str(tmp_path), "--limit", "2", "--tasks", "caption,story",
                      "--sheet-stories", "0", "--jobs", "2")  # fmt: skip
     assert status == 0
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
     assert report["settings"]["jobs"] == 2
-    first = [json.loads(line) for line in (evaluated / "outputs.jsonl").read_text().splitlines()]
-    again = [json.loads(line) for line in (tmp_path / "outputs.jsonl").read_text().splitlines()]
+    first = [json.loads(line) for line in (evaluated / "outputs.jsonl").read_text(encoding="utf-8").splitlines()]
+    again = [json.loads(line) for line in (tmp_path / "outputs.jsonl").read_text(encoding="utf-8").splitlines()]
     assert again == [r for r in first if r["set"] in ("caption", "story") and r["index"] < 2]
     assert run_cli("--model", str(model_dir), "--out", str(tmp_path), "--jobs", "0") == 1
     assert "--jobs must be >= 1" in capsys.readouterr().err

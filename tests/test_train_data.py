@@ -132,7 +132,7 @@ def test_image_truncation_continues_documents_but_never_splits_an_image(tok) -> 
 def test_nearest_bos_matches_the_official_pipeline_on_the_golden_batch_parity() -> None:
     case = load_case("forward")
     text_ids = case["in.text_ids"].long()
-    golden = json.loads((golden_dir() / "tiny_config.json").read_text())
+    golden = json.loads((golden_dir() / "tiny_config.json").read_text(encoding="utf-8"))
     tokens = golden["special_tokens"]
     got = [
         i for row in text_ids.tolist() for i in nearest_bos_indices(row, tokens["bos_token_id"], tokens["boi_token_id"])

@@ -63,7 +63,7 @@ def config_dict(out: Path, corpus: Path, **train_over) -> dict:
 
 
 def write_config(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump(data))
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return path
 
 
@@ -307,7 +307,7 @@ def test_tensorboard_events_are_valid_tfrecords(tmp_path) -> None:
         pos += 12 + int(length) + 4
     assert len(records) == 2 and b"brain.Event:2" in records[0]
     assert b"loss" in records[1] and torch.tensor(0.5).numpy().astype("<f4").tobytes() in records[1]
-    assert (tmp_path / "metrics.csv").read_text().splitlines()[1].split(",")[::2] == ["7", "loss"]
+    assert (tmp_path / "metrics.csv").read_text(encoding="utf-8").splitlines()[1].split(",")[::2] == ["7", "loss"]
 
 
 def test_config_rejects_unknown_keys_and_applies_overrides(tmp_path) -> None:
@@ -394,9 +394,12 @@ def test_shipped_configs_load() -> None:
     ]
     assert (official.optim.betas, official.optim.eps, official.train.max_steps) == ([0.9, 0.995], 1e-6, 15000)
     assert [s.weight for s in official.data.sources] == [1, 1, 1, 2]
-    accel = {p.stem: yaml.safe_load(p.read_text()) for p in (REPO / "configs" / "train" / "accelerate").glob("*.yaml")}
+    accel = {
+        p.stem: yaml.safe_load(p.read_text(encoding="utf-8"))
+        for p in (REPO / "configs" / "train" / "accelerate").glob("*.yaml")
+    }
     assert {a["distributed_type"] for a in accel.values()} == {"NO", "MULTI_GPU", "FSDP", "DEEPSPEED"}
-    ds = json.loads((REPO / "configs" / "train" / "accelerate" / "deepspeed_zero1.json").read_text())
+    ds = json.loads((REPO / "configs" / "train" / "accelerate" / "deepspeed_zero1.json").read_text(encoding="utf-8"))
     assert ds["zero_optimization"]["stage"] == 1 and ds["fp16"]["loss_scale_window"] == 250
 
 

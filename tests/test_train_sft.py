@@ -114,7 +114,7 @@ def test_packed_multi_turn_sft_row_targets_by_hand(tok, tmp_path: Path) -> None:
 def question_prompts(tok, jsonl: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[int]]]:
     """Left-padded prompts ``<s> <img> question ?`` [B, L], their mask, the images and the answer token ids."""
     prompts, images, answers = [], [], []
-    for line in jsonl.read_text().splitlines():
+    for line in jsonl.read_text(encoding="utf-8").splitlines():
         image, question, answer = json.loads(line)["segments"]
         segments = [ImageSegment(image["image"]), TextSegment(question["text"], loss=False)]
         prompts.append(encode_document(tok, segments, TOKENS, CONFIG.num_img_token).ids[:-1])  # without </s>

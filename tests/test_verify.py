@@ -43,7 +43,7 @@ def saved(tmp_path: Path, tiny_config) -> Path:
 
 
 def _index(folder: Path) -> dict:
-    return json.loads((folder / INDEX_FILE).read_text())
+    return json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))
 
 
 def _flip_a_data_byte(path: Path) -> None:
@@ -95,7 +95,7 @@ def test_a_folder_without_hashes_has_its_tensors_read(saved):
     index = _index(saved)
     for entry in index["files"].values():
         del entry["sha256"]
-    (saved / INDEX_FILE).write_text(json.dumps(index))
+    (saved / INDEX_FILE).write_text(json.dumps(index), encoding="utf-8")
     assert {r.status for r in verify_folder(saved)} == {UNHASHED}
     # a garbled header of the same size is found by reading it
     victim = index["components"]["vae"]["files"][0]
@@ -107,9 +107,9 @@ def test_a_folder_without_hashes_has_its_tensors_read(saved):
 
 
 def test_tensors_that_do_not_fit_the_config(saved):
-    config = json.loads((saved / CONFIG_FILE).read_text())
+    config = json.loads((saved / CONFIG_FILE).read_text(encoding="utf-8"))
     config["llm"]["intermediate_size"] += 8
-    (saved / CONFIG_FILE).write_text(json.dumps(config))
+    (saved / CONFIG_FILE).write_text(json.dumps(config), encoding="utf-8")
     with pytest.raises(CheckpointError, match="wrong shape"):
         verify_folder(saved)
     assert {r.status for r in verify_folder(saved, ["unet"])} == {OK}  # the other components still fit
@@ -141,7 +141,7 @@ def _partial(parent: Path, name: str, suffix: str, pid: int | None) -> Path:
     folder.mkdir()
     (folder / "llm-00001.safetensors").write_bytes(b"half written")
     if pid is not None:
-        (folder / OWNER_FILE).write_text(json.dumps({"pid": pid, "host": socket.gethostname()}))
+        (folder / OWNER_FILE).write_text(json.dumps({"pid": pid, "host": socket.gethostname()}), encoding="utf-8")
     return folder
 
 
@@ -155,11 +155,11 @@ def test_a_new_save_removes_what_a_killed_save_left(tmp_path, tiny_config):
         unknown = _partial(tmp_path, "model", "unknown", None)
         other_name = _partial(tmp_path, "model2", "dead", dead_pid)
         elsewhere = _partial(tmp_path, "model", "elsewhere", dead_pid)
-        (elsewhere / OWNER_FILE).write_text(json.dumps({"pid": dead_pid, "host": "another-machine"}))
+        (elsewhere / OWNER_FILE).write_text(json.dumps({"pid": dead_pid, "host": "another-machine"}), encoding="utf-8")
         with CheckpointWriter(tmp_path / "model") as writer:
             assert not dead.exists()
             assert alive.exists() and unknown.exists() and other_name.exists() and elsewhere.exists()
-            owner = json.loads((writer.tmp / OWNER_FILE).read_text())
+            owner = json.loads((writer.tmp / OWNER_FILE).read_text(encoding="utf-8"))
             assert owner == {"pid": os.getpid(), "host": socket.gethostname()}
             reference = load_file(str(golden_dir() / "tiny_official_state_dict.safetensors"))
             writer.add({"soi_token": reference["soi_token"]})

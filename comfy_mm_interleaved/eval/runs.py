@@ -399,7 +399,7 @@ def write_outputs(
     then metrics, counts, skipped items, settings, code revision, timings, files) and return the report's path."""
     from . import git_revision
 
-    (run.out / PREDICTIONS_FILE).write_text(json.dumps(predictions, indent=1) + "\n")
+    (run.out / PREDICTIONS_FILE).write_text(json.dumps(predictions, indent=1) + "\n", encoding="utf-8")
     report = {
         **header,
         "metrics": metrics,

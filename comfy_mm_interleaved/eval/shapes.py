@@ -146,7 +146,7 @@ def run_shapes(args: argparse.Namespace) -> int:
         "files": files,
     }
     path = args.out / "report.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     for name, values in report["summary"].items():
         print(f"{name}: {json.dumps(values)}", file=sys.stderr)
     print(path)

@@ -637,7 +637,7 @@ def run_fid(args: argparse.Namespace) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "report.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"FID {report['fid']:.4f}  KID {report['kid_mean']:.6f} +- {report['kid_std']:.6f}", file=sys.stderr)
     print(path)
     return 0

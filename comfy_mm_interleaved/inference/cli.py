@@ -201,7 +201,7 @@ def _write_report(args, engine, records, load_seconds, text_options, image_optio
         "engine_seconds_per_phase": engine.stats.seconds,
         "complete": len(records) == count,  # False: generation stopped after these documents (error, interrupt)
     }
-    (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
 
 def _counters(engine) -> dict[str, float]:

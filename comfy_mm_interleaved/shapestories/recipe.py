@@ -44,7 +44,7 @@ class Recipe:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"recipe {path} does not exist; the default is {DEFAULT_RECIPE}")
-        recipe = build_dataclass(cls, yaml.safe_load(path.read_text()) or {}, f"recipe {path.name}")
+        recipe = build_dataclass(cls, yaml.safe_load(path.read_text(encoding="utf-8")) or {}, f"recipe {path.name}")
         recipe.validate(path)
         return recipe
 

@@ -111,7 +111,7 @@ def stage_vae(out: Path, vae_steps: int, seed: int, batch_size: int = 16) -> Pat
         "held_out_reconstruction_mae": error,
         "log": rows,
     }
-    (tmp / "vae_training.json").write_text(json.dumps(report, indent=1))
+    (tmp / "vae_training.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     tmp.rename(init)
     return init
 
@@ -123,7 +123,7 @@ def read_metrics(csv_path: Path) -> dict[str, list[tuple[int, float]]]:
     series: dict[str, list[tuple[int, float]]] = {}
     if not csv_path.is_file():
         return series
-    with open(csv_path, newline="") as handle:
+    with open(csv_path, newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
             try:
                 series.setdefault(row["tag"], []).append((int(row["step"]), float(row["value"])))
@@ -135,7 +135,7 @@ def read_metrics(csv_path: Path) -> dict[str, list[tuple[int, float]]]:
 def finished_summary(folder: Path) -> dict[str, Any] | None:
     """The ``stage.json`` of the stage in ``folder`` (``OUT/stages/NN_name``), or None while it is not finished."""
     path = folder / "model" / STAGE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 class StageStopped(Exception):
@@ -203,7 +203,7 @@ def run_stage(
         result = train(cfg)
     finally:
         timings[stage.name] = timings.get(stage.name, 0.0) + time.perf_counter() - start
-        (out / WALL_FILE).write_text(json.dumps(timings))
+        (out / WALL_FILE).write_text(json.dumps(timings), encoding="utf-8")
     if result.stopped_by_signal:
         raise StageStopped(f"[{stage.name}] stopped at step {result.step} with a checkpoint; run the command again")
     sources = newest_checkpoints(folder / "run" / "checkpoints", result.step, stage.export_average)
@@ -222,7 +222,7 @@ def run_stage(
         "final_losses": {tag: v[-1][1] for tag, v in series.items() if tag.startswith("loss") and v},
         "note": stage.note,
     }
-    (tmp / STAGE_FILE).write_text(json.dumps(summary, indent=1))
+    (tmp / STAGE_FILE).write_text(json.dumps(summary, indent=1), encoding="utf-8")
     tmp.rename(model)
     print(f"[{stage.name}] step {result.step} -> {model}", flush=True)
     return model
@@ -255,11 +255,11 @@ def stage_export(recipe: Recipe, out: Path, export: Path, command: str, timings:
             title = f"{tag}: training batches, all stages (grey: logged, blue: moving average)"
             line_chart(series[tag], title, tmp / name)
     init = out / "init"
-    vae_report = json.loads((init / "vae_training.json").read_text())
+    vae_report = json.loads((init / "vae_training.json").read_text(encoding="utf-8"))
     history = out / COMMANDS_FILE
     report = {
         "command": command,
-        "invocations": history.read_text().splitlines() if history.is_file() else [command],
+        "invocations": history.read_text(encoding="utf-8").splitlines() if history.is_file() else [command],
         "git_revision": git_revision(),  # {"commit", "modified"} of the code that exported
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -271,7 +271,7 @@ def stage_export(recipe: Recipe, out: Path, export: Path, command: str, timings:
         "final_losses": stages[-1]["final_losses"],
         "parameters": sum(p.numel() for p in build_empty_model(read_config(tmp)[0]).parameters()),
     }
-    (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1))
+    (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1), encoding="utf-8")
     if export.exists():
         shutil.rmtree(export)
     tmp.rename(export)
@@ -358,7 +358,7 @@ def run(args, argv: list[str] | None = None) -> int:  # noqa: ANN001
         torch.set_num_threads(threads)
     command = "python -m comfy_mm_interleaved train-embedded " + shlex.join(argv if argv is not None else sys.argv[2:])
     timings_path = args.out / WALL_FILE
-    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    timings = json.loads(timings_path.read_text(encoding="utf-8")) if timings_path.is_file() else {}
     if args.stage == "status":
         print("\n".join(stage_status(recipe, args.out, args.set, timings)), flush=True)
         return 0

@@ -37,7 +37,7 @@ def fsync_path(path: Path) -> None:
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to ``path`` via a fsync-ed temporary file and an atomic rename."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
+    with open(tmp, "w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=1)
         handle.flush()
         os.fsync(handle.fileno())
@@ -75,7 +75,7 @@ def finalize_checkpoint(tmp_folder: Path, final_folder: Path) -> None:
 def verify_checkpoint(folder: Path, check_hashes: bool = True) -> str | None:
     """None if ``folder`` is a complete, intact checkpoint, else the reason it is not."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return "no manifest (half-written)"
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -126,4 +126,4 @@ def prune_checkpoints(root: Path, keep_last: int, check_hashes: bool = False) ->
 
 
 def read_trainer_state(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / TRAINER_STATE).read_text())
+    return json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))

@@ -128,7 +128,7 @@ class TrainConfig:
     def load(cls, path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
         raw: dict[str, Any] = {}
         if path is not None:
-            text = Path(path).read_text()
+            text = Path(path).read_text(encoding="utf-8")
             raw = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text) or {}
         for item in overrides or []:
             apply_override(raw, item)

@@ -126,7 +126,7 @@ def export_checkpoint(
         "git_revision": git_revision(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
-    (out / EXPORT_REPORT).write_text(json.dumps(report, indent=1) + "\n")
+    (out / EXPORT_REPORT).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     return out
 
 

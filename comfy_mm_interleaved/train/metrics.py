@@ -108,9 +108,9 @@ class MetricsLogger:
         self.csv_path = output_dir / "metrics.csv"
         rows = []
         if self.csv_path.exists():
-            with open(self.csv_path, newline="") as handle:
+            with open(self.csv_path, newline="", encoding="utf-8") as handle:
                 rows = [r for r in csv.DictReader(handle) if r["step"].isdigit() and int(r["step"]) <= resume_step]
-        with open(self.csv_path, "w", newline="") as handle:
+        with open(self.csv_path, "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, self.HEADER)
             writer.writeheader()
             writer.writerows(rows)
@@ -118,7 +118,7 @@ class MetricsLogger:
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         now = time.time()
-        with open(self.csv_path, "a", newline="") as handle:
+        with open(self.csv_path, "a", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             for tag, value in scalars.items():
                 writer.writerow([step, f"{now:.3f}", tag, repr(float(value))])
@@ -132,5 +132,5 @@ class MetricsLogger:
 
 def read_metrics(csv_path: Path, tag: str) -> dict[int, float]:
     """{step: value} of one tag from a metrics CSV (the last value wins)."""
-    with open(csv_path, newline="") as handle:
+    with open(csv_path, newline="", encoding="utf-8") as handle:
         return {int(r["step"]): float(r["value"]) for r in csv.DictReader(handle) if r["tag"] == tag}
