@@ -2,7 +2,8 @@
 
 Imported only relatively, from the pack's root ``__init__.py``; never importable as a bare ``nodes``.
 One file per concept: ``loader`` (model + ComfyUI model management), ``encode`` (image features), ``context``
-(documents), ``generate`` (text, image, auto), ``save`` (PNG + JSON + HTML), ``shapestories`` (example inputs).
+(documents), ``load_document`` (a document from a JSON file), ``generate`` (text, image, auto), ``save`` (PNG +
+JSON + HTML), ``shapestories`` (example inputs).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from . import model_folder
 from .context import AppendImage, AppendText, ContextToText, StartContext
 from .encode import EncodeImages
 from .generate import GenerateImage, GenerateInterleaved, GenerateText
+from .load_document import LoadInterleaved
 from .loader import LoadModel
 from .save import SaveInterleaved
 from .shapestories import ShapeStoriesImage
@@ -21,6 +23,7 @@ NODES: list[type[io.ComfyNode]] = [
     LoadModel,
     EncodeImages,
     StartContext,
+    LoadInterleaved,
     AppendText,
     AppendImage,
     ContextToText,

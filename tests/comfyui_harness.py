@@ -45,6 +45,7 @@ NODE_IDS = frozenset(
         "MMI_LoadModel",
         "MMI_EncodeImages",
         "MMI_StartContext",
+        "MMI_LoadInterleaved",
         "MMI_AppendText",
         "MMI_AppendImage",
         "MMI_ContextToText",

@@ -275,6 +275,44 @@ def test_interrupt_stops_a_long_generation_and_the_next_prompt_succeeds(server) 
     run_ok(server, api_workflow("captioning"))
 
 
+def test_a_saved_document_loads_back_and_continues_as_before(server) -> None:
+    def continue_text(context: list) -> dict:
+        return {**prompt["5"], "inputs": {**prompt["5"]["inputs"], "context": context, "max_new_tokens": 12}}
+
+    # caption an image, save the captioned document, and continue it in the same prompt
+    prompt = api_workflow("captioning")
+    prompt["8"] = {
+        "class_type": "MMI_SaveInterleaved",
+        "inputs": {"context": ["5", 1], "filename_prefix": "reload/doc"},
+    }
+    prompt["9"] = continue_text(["5", 1])
+    prompt["10"] = {"class_type": "PreviewAny", "inputs": {"source": ["9", 0]}}
+    _, entry = run_ok(server, prompt)
+    (html_file,) = outputs_of(entry)["8"]["html"]
+    (saved_text,) = outputs_of(entry)["8"]["text"]
+    choice = html_file.removesuffix(".html") + ".json [output]"
+    info = server.get("/object_info/MMI_LoadInterleaved")["MMI_LoadInterleaved"]
+    assert choice in info["input"]["required"]["document"][1]["options"]
+
+    # a later prompt: load it from the output folder and continue it the same way
+    later = {
+        "1": prompt["1"],
+        "2": {"class_type": "MMI_LoadInterleaved", "inputs": {"document": choice, "index": 0}},
+        "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 1]}},
+        "9": continue_text(["2", 0]),
+        "10": {"class_type": "PreviewAny", "inputs": {"source": ["9", 0]}},
+    }
+    _, reloaded = run_ok(server, later)
+    assert text_output(reloaded, "3") == saved_text and saved_text.startswith("<image 1> ")
+    assert text_output(reloaded, "10") == text_output(entry, "10")  # the same continuation, greedy
+
+    later["2"]["inputs"]["document"] = "reload/never_saved.json [output]"
+    status, body = server.queue(later)
+    assert status == 400
+    (error,) = body["node_errors"]["2"]["errors"]
+    assert "'reload/never_saved.json [output]' not found in ComfyUI's output folder" in error["details"]
+
+
 def test_bad_inputs_give_clear_node_errors_and_the_server_keeps_serving(server) -> None:
     model = workflow_model()
     # zero steps: rejected by validation, before anything runs

@@ -15,6 +15,7 @@ import gc
 import importlib
 import importlib.util
 import json
+import os
 import re
 import sys
 from types import ModuleType, SimpleNamespace
@@ -402,6 +403,58 @@ def test_save_interleaved_writes_pngs_json_and_html(comfyui) -> None:
     assert second.ui["html"] == ["stories/test_00002_.html"]
     with pytest.raises(ValueError, match="the context is empty"):
         run(comfyui.nodes["MMI_SaveInterleaved"], context=Interleaved(), filename_prefix="x")
+
+
+def test_load_interleaved_reads_saved_and_input_documents(comfyui, tmp_path) -> None:
+    folder_paths = comfyui.folder_paths
+    previous_input = folder_paths.get_input_directory()
+    inputs = tmp_path / "input"
+    (inputs / "pics").mkdir(parents=True)
+    (inputs / "sub").mkdir()
+    folder_paths.set_input_directory(str(inputs))
+    try:
+        node = comfyui.nodes["MMI_LoadInterleaved"]
+        choices = comfyui.module("load_document").document_choices
+        # a saved story that ends where the model asked for an image
+        story = Interleaved([red_square(), "it grows.", torch.ones(1, 16, 16, 3)]).append_pending_image()
+        run(comfyui.nodes["MMI_SaveInterleaved"], context=story, filename_prefix="loadtest/story")
+        Image.fromarray(np.full((20, 20, 3), 200, np.uint8)).save(inputs / "pics" / "grey.png")
+        (inputs / "mine.json").write_text(
+            json.dumps([{"image": "pics/grey.png"}, {"text": "a grey square."}]), encoding="utf-8"
+        )
+        lines = [json.dumps([{"text": "first document."}]), json.dumps({"segments": [{"text": "second."}]})]
+        (inputs / "sub" / "many.jsonl").write_text("\n".join(lines), encoding="utf-8")
+        (inputs / "notes.txt").write_text("not a document", encoding="utf-8")
+        (comfyui.output / "loadtest" / "stray.json").write_text("[]", encoding="utf-8")  # no .html: not ours
+
+        options = choices()
+        assert options[:2] == ["mine.json", "sub/many.jsonl"]  # the input folder first, by relative path
+        assert "loadtest/story_00001_.json [output]" in options and "loadtest/stray.json [output]" not in options
+        assert node.GET_SCHEMA().inputs[0].options == options  # the list is read again for every /object_info
+
+        loaded, text = run(node, document="loadtest/story_00001_.json [output]", index=0).args
+        assert text == story.to_readable_text() == "<image 1> it grows. <image 2> <image 3: pending>"
+        assert loaded.ends_with_pending_image
+        assert np.array_equal(np.asarray(loaded.images[0]), np.asarray(story.images[0]))
+        mine, text = run(node, document="mine.json", index=0).args
+        assert text == "<image 1> a grey square." and np.asarray(mine.images[0]).tolist()[0][0] == [200, 200, 200]
+        assert run(node, document="sub/many.jsonl", index=1).args[1] == "second."
+        with pytest.raises(ValueError, match=r"holds 2 document\(s\), so index 2 does not exist; use 0 to 1"):
+            run(node, document="sub/many.jsonl", index=2)
+
+        assert node.validate_inputs(document="mine.json") is True
+        assert "not found in ComfyUI's input folder" in node.validate_inputs(document="gone.json")
+        assert "not found in ComfyUI's output folder" in node.validate_inputs(document="gone.json [output]")
+        assert "outside ComfyUI's input folder" in node.validate_inputs(document="../elsewhere.json")
+        before = node.fingerprint_inputs(document="mine.json", index=0)
+        assert before == node.fingerprint_inputs(document="mine.json", index=0)
+        (inputs / "mine.json").write_text(json.dumps([{"text": "edited."}]), encoding="utf-8")
+        os.utime(inputs / "mine.json", ns=(1, 1))
+        assert node.fingerprint_inputs(document="mine.json", index=0) != before
+        missing = node.fingerprint_inputs(document="gone.json", index=0)
+        assert missing != missing  # NaN: a missing file always runs again, so its error shows
+    finally:
+        folder_paths.set_input_directory(previous_input)
 
 
 def test_shapestories_image_follows_the_corpus_rules(comfyui) -> None:
