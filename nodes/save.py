@@ -22,6 +22,7 @@ from comfy_mm_interleaved.inference import Interleaved
 from comfy_mm_interleaved.inference.document import ImagePart
 
 from .context import context_input
+from .load_document import forget_document_choices
 from .types import CATEGORY
 
 PAGE_STYLE = (
@@ -112,6 +113,7 @@ class SaveInterleaved(io.ComfyNode):
         hidden = cls.hidden  # None when called outside ComfyUI's executor
         metadata = workflow_metadata(getattr(hidden, "prompt", None), getattr(hidden, "extra_pnginfo", None))
         json_path, html_path, images = save_document(context, output_dir, filename_prefix, metadata)
+        forget_document_choices()  # 'Load interleaved document' offers it from the next refresh on
         subfolder = os.path.relpath(json_path.parent, output_dir)
         subfolder = "" if subfolder == "." else Path(subfolder).as_posix()
         return io.NodeOutput(

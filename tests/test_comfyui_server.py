@@ -310,7 +310,7 @@ def test_a_saved_document_loads_back_and_continues_as_before(server) -> None:
     status, body = server.queue(later)
     assert status == 400
     (error,) = body["node_errors"]["2"]["errors"]
-    assert "'reload/never_saved.json [output]' not found in ComfyUI's output folder" in error["details"]
+    assert f"'reload/never_saved.json [output]' not found in {server.output}" in error["details"]
 
 
 def test_bad_inputs_give_clear_node_errors_and_the_server_keeps_serving(server) -> None:

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from comfy_mm_interleaved.inference import ImagePart, Interleaved, TextPart, load_documents
-from comfy_mm_interleaved.inference.document import image_key, tensor_to_images, to_rgb
+from comfy_mm_interleaved.inference.document import document_files, image_key, load_document, tensor_to_images, to_rgb
 from test_inference_support import noise_image, solid_image
 
 
@@ -190,3 +190,64 @@ def test_jsonl_documents(tmp_path: Path) -> None:
     (tmp_path / "empty.jsonl").write_text("\n", encoding="utf-8")
     with pytest.raises(ValueError, match="no document"):
         load_documents(tmp_path / "empty.jsonl")
+
+
+def test_one_document_of_a_file_reads_only_that_one(tmp_path: Path) -> None:
+    noise_image(6).save(tmp_path / "a.png")
+    lines = [
+        json.dumps([{"text": "first"}, {"image": "a.png"}]),
+        json.dumps([{"text": "second"}, {"image": "gone.png"}]),  # broken, but not the one asked for
+        json.dumps({"sentences": ["third"], "images": ["a.png"], "sentence_ixs": [0], "image_first": [True]}),
+    ]
+    (tmp_path / "docs.jsonl").write_text("\n\n".join(lines), encoding="utf-8")
+    doc, count = load_document(tmp_path / "docs.jsonl", 2)
+    assert (doc.to_readable_text(), count) == ("<image 1> third", 3)
+    assert load_document(tmp_path / "docs.jsonl", 0)[0].to_readable_text() == "first <image 1>"
+    with pytest.raises(FileNotFoundError, match="gone.png"):
+        load_document(tmp_path / "docs.jsonl", 1)
+    with pytest.raises(ValueError, match=r"docs.jsonl holds 3 document\(s\), so index 3 does not exist; use 0 to 2"):
+        load_document(tmp_path / "docs.jsonl", 3)
+    assert document_files(tmp_path / "docs.jsonl", 1) == [tmp_path / "docs.jsonl", tmp_path / "gone.png"]
+    assert document_files(tmp_path / "docs.jsonl", 2) == [tmp_path / "docs.jsonl", tmp_path / "a.png"]
+    assert document_files(tmp_path / "docs.jsonl", 9) == [tmp_path / "docs.jsonl"]
+
+
+def test_file_encodings_and_annotation_shapes(tmp_path: Path) -> None:
+    noise_image(6).save(tmp_path / "a.png")
+    (tmp_path / "bom.json").write_bytes("\ufeff".encode() + json.dumps(["café ☕"]).encode())
+    assert load_documents(tmp_path / "bom.json")[0].to_readable_text() == "café ☕"  # Windows editors add a BOM
+    (tmp_path / "latin1.json").write_bytes('["caf\xe9"]'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.json is not UTF-8 text .* save it as UTF-8"):
+        load_documents(tmp_path / "latin1.json")
+    entry = {"sentences": ["one."], "images": ["a.png"], "sentence_ixs": [0], "image_first": [False]}
+    (tmp_path / "single.json").write_text(json.dumps(entry), encoding="utf-8")  # one entry, not in a list
+    assert load_documents(tmp_path / "single.json")[0].to_readable_text() == "one. <image 1>"
+    (tmp_path / "mixed.json").write_text(json.dumps([entry, [{"text": "x"}]]), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"mixed.json: entries \[1\] are not official annotation entries"):
+        load_documents(tmp_path / "mixed.json")
+    (tmp_path / "flag.json").write_text(json.dumps([{**entry, "image_first": True}]), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"flag.json, entry 0: 'image_first' must be a list, got bool True"):
+        load_documents(tmp_path / "flag.json")
+
+
+def test_images_outside_the_root_folder_are_refused(tmp_path: Path) -> None:
+    inside = tmp_path / "inside"
+    (inside / "sub").mkdir(parents=True)
+    noise_image(6).save(tmp_path / "secret.png")
+    noise_image(7).save(inside / "ok.png")
+    cases = {
+        "absolute.json": [{"image": str(tmp_path / "secret.png")}],
+        "relative.json": [{"image": "../secret.png"}],
+        "sub/deeper.json": [{"image": "../../secret.png"}],
+    }
+    for name, document in cases.items():
+        (inside / name).write_text(json.dumps(document), encoding="utf-8")
+        load_documents(inside / name)  # without a root: a library user's own files, any path
+        with pytest.raises(ValueError, match=r"segment 0: image '.*secret.png' lies outside .*inside; only files"):
+            load_documents(inside / name, root=inside)
+    (inside / "sub" / "fine.json").write_text(json.dumps([{"image": "../ok.png"}]), encoding="utf-8")
+    assert len(load_documents(inside / "sub" / "fine.json", root=inside)[0].images) == 1
+    annotation = [{"sentences": ["x"], "images": ["../secret.png"], "sentence_ixs": [0], "image_first": [False]}]
+    (inside / "annt.json").write_text(json.dumps(annotation), encoding="utf-8")
+    with pytest.raises(ValueError, match="entry 0: image '../secret.png' lies outside"):
+        load_document(inside / "annt.json", 0, root=inside)

@@ -427,7 +427,7 @@ def test_load_interleaved_reads_saved_and_input_documents(comfyui, tmp_path) -> 
         (inputs / "notes.txt").write_text("not a document", encoding="utf-8")
         (comfyui.output / "loadtest" / "stray.json").write_text("[]", encoding="utf-8")  # no .html: not ours
 
-        options = choices()
+        options = choices()  # the save node above reset the list's two-second cache
         assert options[:2] == ["mine.json", "sub/many.jsonl"]  # the input folder first, by relative path
         assert "loadtest/story_00001_.json [output]" in options and "loadtest/stray.json [output]" not in options
         assert node.GET_SCHEMA().inputs[0].options == options  # the list is read again for every /object_info
@@ -443,16 +443,41 @@ def test_load_interleaved_reads_saved_and_input_documents(comfyui, tmp_path) -> 
             run(node, document="sub/many.jsonl", index=2)
 
         assert node.validate_inputs(document="mine.json") is True
-        assert "not found in ComfyUI's input folder" in node.validate_inputs(document="gone.json")
-        assert "not found in ComfyUI's output folder" in node.validate_inputs(document="gone.json [output]")
-        assert "outside ComfyUI's input folder" in node.validate_inputs(document="../elsewhere.json")
+        assert f"'gone.json' not found in {inputs}" in node.validate_inputs(document="gone.json")
+        assert f"not found in {comfyui.output}" in node.validate_inputs(document="gone.json [output]")
+        assert "lies outside" in node.validate_inputs(document="../elsewhere.json")
+        assert "only input-folder files and '[output]'" in node.validate_inputs(document="mine.json [temp]")
+        assert "is not a .json or .jsonl file" in node.validate_inputs(document="pics/grey.png")
+        for nothing in (None, ""):  # an empty dropdown (no document anywhere yet) sends nothing
+            assert "no document chosen: put a .json or .jsonl" in node.validate_inputs(document=nothing)
+        assert "no document chosen" in node.validate_inputs()
+
+        # the node runs again when the file or one of its images changes
         before = node.fingerprint_inputs(document="mine.json", index=0)
         assert before == node.fingerprint_inputs(document="mine.json", index=0)
+        Image.fromarray(np.full((20, 20, 3), 50, np.uint8)).save(inputs / "pics" / "grey.png")
+        os.utime(inputs / "pics" / "grey.png", ns=(1, 1))
+        after_image = node.fingerprint_inputs(document="mine.json", index=0)
+        assert after_image != before
         (inputs / "mine.json").write_text(json.dumps([{"text": "edited."}]), encoding="utf-8")
-        os.utime(inputs / "mine.json", ns=(1, 1))
-        assert node.fingerprint_inputs(document="mine.json", index=0) != before
+        assert node.fingerprint_inputs(document="mine.json", index=0) not in (before, after_image)
         missing = node.fingerprint_inputs(document="gone.json", index=0)
         assert missing != missing  # NaN: a missing file always runs again, so its error shows
+
+        # a document may only use images inside its own folder tree
+        secret = tmp_path / "secret.png"
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(secret)
+        for reference in (str(secret), "../secret.png"):
+            (inputs / "evil.json").write_text(json.dumps([{"image": reference}]), encoding="utf-8")
+            with pytest.raises(ValueError, match=r"segment 0: image .* lies outside"):
+                run(node, document="evil.json", index=0)
+        (inputs / "empty.json").write_text("[]", encoding="utf-8")
+        with pytest.raises(ValueError, match="'empty.json' is an empty document"):
+            run(node, document="empty.json", index=0)
+        (inputs / ".hidden").mkdir()
+        (inputs / ".hidden" / "h.json").write_text("[]", encoding="utf-8")
+        comfyui.module("load_document").forget_document_choices()
+        assert not any(".hidden" in name for name in choices())
     finally:
         folder_paths.set_input_directory(previous_input)
 

@@ -158,11 +158,26 @@ def tensor_to_images(tensor: torch.Tensor, name: str = "image") -> list[Image.Im
     return [_array_to_rgb(a, f"{name}[{i}]") for i, a in enumerate(array)]
 
 
-def load_image_file(path: PathLike, base_dir: PathLike | None = None, name: str = "image") -> Image.Image:
-    """Open an image file (relative to ``base_dir``) as RGB, with a clear error when missing or unreadable."""
+def check_inside(path: PathLike, root: PathLike, what: str) -> None:
+    """Refuse ``path`` unless it lies inside the folder ``root`` (by its normalised absolute path, as ComfyUI checks
+    its own files: a symlink placed inside the folder is the folder owner's choice)."""
+    folder = os.path.abspath(root)
+    if os.path.commonpath([os.path.abspath(path), folder]) != folder:
+        raise ValueError(f"{what} lies outside {folder}; only files inside that folder can be used here")
+
+
+def load_image_file(
+    path: PathLike, base_dir: PathLike | None = None, name: str = "image", root: PathLike | None = None
+) -> Image.Image:
+    """Open an image file (relative to ``base_dir``) as RGB, with a clear error when missing or unreadable.
+
+    ``root``: refuse a file outside that folder (a document that a server loads for its users must not read the
+    server's other files)."""
     resolved = Path(path)
     if base_dir is not None and not resolved.is_absolute():
         resolved = Path(base_dir) / resolved
+    if root is not None:
+        check_inside(resolved, root, f"{name}: image {str(path)!r}")
     if not resolved.is_file():
         where = f" (resolved against {base_dir})" if base_dir is not None and not Path(path).is_absolute() else ""
         raise FileNotFoundError(f"{name}: image file not found: {resolved}{where}")
@@ -296,9 +311,12 @@ class Interleaved:
 
     # ---- JSON ----------------------------------------------------------------------------------------------
     @classmethod
-    def from_list(cls, data: Any, base_dir: PathLike | None = None, name: str = "document") -> Interleaved:
+    def from_list(
+        cls, data: Any, base_dir: PathLike | None = None, name: str = "document", root: PathLike | None = None
+    ) -> Interleaved:
         """A parsed JSON document: a list of ``{"text": ...}`` / ``{"image": path or null}`` / str items, or
-        ``{"segments": [...]}``. Relative image paths are resolved against ``base_dir``."""
+        ``{"segments": [...]}``. Relative image paths are resolved against ``base_dir``; with ``root``, an image
+        outside that folder is refused."""
         if isinstance(data, dict) and "segments" in data:
             data = data["segments"]
         if not isinstance(data, list):
@@ -317,7 +335,7 @@ class Interleaved:
                 items.append(TextPart(entry["text"]))
             elif keys == {"image"} and (entry["image"] is None or isinstance(entry["image"], str)):
                 path = entry["image"]
-                items.append(None if path is None else ImagePart(load_image_file(path, base_dir, where), path))
+                items.append(None if path is None else ImagePart(load_image_file(path, base_dir, where, root), path))
             else:
                 raise ValueError(f'{where}: expected {{"text": str}} or {{"image": path or null}}, got {entry!r}')
         return cls(items)
@@ -362,17 +380,19 @@ class Interleaved:
 
     @classmethod
     def from_official_annotation(
-        cls, source: PathLike | list[dict] | dict, base_dir: PathLike | None = None, name: str | None = None
+        cls,
+        source: PathLike | list[dict] | dict,
+        base_dir: PathLike | None = None,
+        name: str | None = None,
+        root: PathLike | None = None,
     ) -> list[Interleaved]:
         """Documents of the official demo annotation (``annt.json``: a list of ``{"sentences", "images",
         "sentence_ixs", "image_first"}``; optional ``generate_mode`` / ``num_iter`` go to ``meta``).
 
         Image k is placed before (``image_first``) or after sentence ``sentence_ixs[k]``; several images of one
-        sentence keep their list order. Relative paths resolve against ``base_dir`` (default: the file's folder).
+        sentence keep their list order. Relative paths resolve against ``base_dir`` (default: the file's folder);
+        with ``root``, an image outside that folder is refused.
         """
-        from ..train.documents import BadInput
-        from ..train.sources import parse_annotation
-
         name = name or "annotation"
         if isinstance(source, str | os.PathLike):
             name = str(source)
@@ -381,29 +401,43 @@ class Interleaved:
         entries = [source] if isinstance(source, dict) else source
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
             raise ValueError(f"{name}: the official annotation is a JSON list of objects with 'sentences', 'images'")
-        docs = []
-        for i, entry in enumerate(entries):
-            where = f"{name}, entry {i}"
-            try:
-                parsed = parse_annotation(entry, random.Random(0), {})
-            except BadInput as err:
-                raise ValueError(f"{where}: {err.detail}") from None
-            items: list[Any] = []
-            for seg in parsed.segments:
-                if hasattr(seg, "text"):
-                    items.append(TextPart(seg.text))
-                else:
-                    items.append(ImagePart(load_image_file(seg.source, base_dir, where), str(seg.source)))
-            meta = {k: entry[k] for k in ("generate_mode", "num_iter") if k in entry}
-            docs.append(cls(items, meta=meta))
-        return docs
+        return [cls._from_annotation_entry(e, base_dir, f"{name}, entry {i}", root) for i, e in enumerate(entries)]
+
+    @classmethod
+    def _from_annotation_entry(
+        cls, entry: dict, base_dir: PathLike | None, where: str, root: PathLike | None
+    ) -> Interleaved:
+        """One official annotation entry as a document (errors start with ``where``)."""
+        from ..train.documents import BadInput
+        from ..train.sources import parse_annotation
+
+        try:
+            parsed = parse_annotation(entry, random.Random(0), {})
+        except BadInput as err:
+            raise ValueError(f"{where}: {err.detail}") from None
+        items: list[Any] = []
+        for seg in parsed.segments:
+            if hasattr(seg, "text"):
+                items.append(TextPart(seg.text))
+            else:
+                items.append(ImagePart(load_image_file(seg.source, base_dir, where, root), str(seg.source)))
+        meta = {k: entry[k] for k in ("generate_mode", "num_iter") if k in entry}
+        return cls(items, meta=meta)
 
 
-def _read_json(path: Path) -> Any:
+def _read_text(path: Path) -> str:
+    """A document file's text: UTF-8, with or without a byte-order mark."""
     if not path.is_file():
         raise FileNotFoundError(f"document file not found: {path}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(_read_text(path))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
 
@@ -412,37 +446,88 @@ def _is_annotation(entry: Any) -> bool:
     return isinstance(entry, dict) and "sentences" in entry
 
 
-def load_documents(path: PathLike) -> list[Interleaved]:
+@dataclass(frozen=True)
+class _Entry:
+    """One document of a file, not read yet: ``raw`` is parsed JSON, or the text of a JSON line."""
+
+    where: str
+    raw: Any
+    is_line: bool = False
+
+
+def _entries(path: Path) -> list[_Entry]:
+    """The documents of a file, in order (see :func:`load_documents` for the formats)."""
+    if path.suffix.lower() == ".jsonl":
+        lines = enumerate(_read_text(path).splitlines(), start=1)
+        return [_Entry(f"{path} line {number}", line, True) for number, line in lines if line.strip()]
+    data = _read_json(path)
+    if isinstance(data, list) and any(_is_annotation(e) for e in data):
+        others = [i for i, e in enumerate(data) if not _is_annotation(e)]
+        if others:
+            raise ValueError(
+                f"{path}: entries {others[:8]} are not official annotation entries (objects with 'sentences', "
+                "'images'), but the others are; a .json file holds one document (a segment list) or a list of "
+                "annotation entries"
+            )
+        return [_Entry(f"{path}, entry {i}", e) for i, e in enumerate(data)]
+    return [_Entry(str(path), data)]
+
+
+def _read_entry(entry: _Entry, base_dir: Path, root: PathLike | None) -> Interleaved:
+    data = entry.raw
+    if entry.is_line:
+        try:
+            data = json.loads(data)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{entry.where} is not valid JSON: {err}") from None
+    if _is_annotation(data):
+        return Interleaved._from_annotation_entry(data, base_dir, entry.where, root)
+    return Interleaved.from_list(data, base_dir=base_dir, name=entry.where, root=root)
+
+
+def load_documents(path: PathLike, root: PathLike | None = None) -> list[Interleaved]:
     """Every document of an input file, in order.
 
     ``.jsonl``: one document per line (a segment list, ``{"segments": [...]}`` or an official annotation entry).
-    ``.json``: one document (segment list or ``{"segments": [...]}``) or the official annotation (list of entries).
-    Image paths are relative to the file's folder. Errors name the file and line.
+    ``.json``: one document (segment list, ``{"segments": [...]}`` or one annotation entry) or the official
+    annotation (a list of entries). Image paths are relative to the file's folder; with ``root``, an image outside
+    that folder is refused. Errors name the file and line or entry.
     """
     path = Path(path)
-    if path.suffix.lower() != ".jsonl":
-        data = _read_json(path)
-        if isinstance(data, list) and data and all(_is_annotation(e) for e in data):
-            return Interleaved.from_official_annotation(data, base_dir=path.parent, name=str(path))
-        return [Interleaved.from_list(data, base_dir=path.parent, name=str(path))]
-    if not path.is_file():
-        raise FileNotFoundError(f"document file not found: {path}")
-    docs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path} line {number}"
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where} is not valid JSON: {err}") from None
-        if _is_annotation(data):
-            try:
-                docs += Interleaved.from_official_annotation(data, base_dir=path.parent)
-            except ValueError as err:
-                raise ValueError(f"{where}: {err}") from None
-        else:
-            docs.append(Interleaved.from_list(data, base_dir=path.parent, name=where))
-    if not docs:
+    entries = _entries(path)
+    if not entries:
         raise ValueError(f"{path} holds no document")
-    return docs
+    return [_read_entry(entry, path.parent, root) for entry in entries]
+
+
+def load_document(path: PathLike, index: int = 0, root: PathLike | None = None) -> tuple[Interleaved, int]:
+    """Document ``index`` of a file (formats as :func:`load_documents`) and how many the file holds. Only that
+    document is read, so one entry of a large annotation file does not decode every image of the file."""
+    path = Path(path)
+    entries = _entries(path)
+    if not entries:
+        raise ValueError(f"{path} holds no document")
+    if not 0 <= index < len(entries):
+        raise ValueError(
+            f"{path} holds {len(entries)} document(s), so index {index} does not exist; use 0 to {len(entries) - 1}"
+        )
+    return _read_entry(entries[index], path.parent, root), len(entries)
+
+
+def document_files(path: PathLike, index: int = 0) -> list[Path]:
+    """The files that reading document ``index`` of ``path`` opens: the file itself, then the images it names
+    (unread; for noticing that a document changed). A file that cannot be parsed gives just itself."""
+    path = Path(path)
+    try:
+        entry = _entries(path)[index]
+        data = json.loads(entry.raw) if entry.is_line else entry.raw
+    except (ValueError, OSError, IndexError):
+        return [path]
+    if _is_annotation(data):
+        sources = data.get("images")
+    else:
+        segments = data.get("segments") if isinstance(data, dict) else data
+        sources = [s.get("image") for s in segments if isinstance(s, dict)] if isinstance(segments, list) else []
+    if not isinstance(sources, list):
+        return [path]
+    return [path] + [path.parent / s for s in sources if isinstance(s, str)]

@@ -321,7 +321,11 @@ def parse_annotation(raw: Any, rng: random.Random, opts: dict[str, Any]) -> Docu
     """The official annotation JSON item: image k goes before/after sentence ``sentence_ixs[k]``."""
     record = parse_record(raw)
     sentences, images, sentence_ixs = require(record, "sentences", "images", "sentence_ixs")
-    image_first = record.get("image_first", [False] * len(images))
+    image_first = record.get("image_first", [False] * len(images) if isinstance(images, list) else [])
+    fields = {"sentences": sentences, "images": images, "sentence_ixs": sentence_ixs, "image_first": image_first}
+    for key, value in fields.items():
+        if not isinstance(value, list):
+            raise BadInput("malformed_record", f"'{key}' must be a list, got {type(value).__name__} {value!r:.40}")
     if not (len(images) == len(sentence_ixs) == len(image_first)):
         raise BadInput("malformed_record", "images, sentence_ixs and image_first differ in length")
     for k, ix in enumerate(sentence_ixs):  # an image placed at no sentence would silently vanish
