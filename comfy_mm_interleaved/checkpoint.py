@@ -16,14 +16,11 @@ save never leaves a half-written model behind.
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import json
-import logging
 import os
 import re
 import shutil
-import socket
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -34,6 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import MMInterleavedConfig
+from .partial_writes import WriterLock, partial_prefix, remove_abandoned_writes
 
 FORMAT_NAME = "comfy_mm_interleaved"
 FORMAT_VERSION = 1
@@ -41,9 +39,6 @@ CONFIG_FILE = "config.json"
 INDEX_FILE = "weights_index.json"
 FORMAT_KEY = "checkpoint_format"  # the extra entry of config.json next to the model config
 DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
-OWNER_FILE = ".writer.json"  # inside a folder being written: the writing process, so a later save can tell it died
-
-log = logging.getLogger(__name__)
 
 # (official key prefix, or an exact key, -> component), first match wins: the specific image-decoder parts first.
 _ROUTES: tuple[tuple[str, str], ...] = (
@@ -115,6 +110,8 @@ def parse_components(components: Iterable[str] | None) -> tuple[str, ...]:
     if components is None:
         return COMPONENTS
     chosen = tuple(dict.fromkeys(components))
+    if not chosen:
+        raise CheckpointError(f"no component named; known components: {list(COMPONENTS)}")
     unknown = [c for c in chosen if c not in COMPONENTS]
     if unknown:
         raise CheckpointError(f"unknown component(s) {unknown}; known components: {list(COMPONENTS)}")
@@ -206,34 +203,6 @@ def file_sha256(path: str | Path, chunk_bytes: int = 16 * 2**20) -> str:
     return digest.hexdigest()
 
 
-def _process_is_alive(pid: int) -> bool:
-    if os.name != "posix":
-        return True  # Windows' os.kill(pid, 0) would terminate the process: never clean up there
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # exists but is not ours, or we cannot tell: assume alive
-    return True
-
-
-def _remove_abandoned_writes(folder: Path) -> None:
-    """Delete the hidden ``.<name>.partial-*`` siblings of ``folder`` left by a save that was killed (SIGKILL, power
-    loss) before it could clean up: those whose writer process, recorded in ``OWNER_FILE``, no longer runs on this
-    machine. A write still in progress, one from another machine, or one without an owner record is left alone."""
-    host = socket.gethostname()
-    for entry in folder.parent.glob(f".{glob.escape(folder.name)}.partial-*"):
-        try:
-            owner = json.loads((entry / OWNER_FILE).read_text(encoding="utf-8"))
-            pid, owner_host = int(owner["pid"]), str(owner["host"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if owner_host == host and pid != os.getpid() and not _process_is_alive(pid):
-            shutil.rmtree(entry, ignore_errors=True)
-            log.warning("removed %s, left by an interrupted save (process %d is gone)", entry, pid)
-
-
 def _unshare_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses tensors that share memory (tied weights): give each its own copy."""
     seen: set[int] = set()
@@ -303,14 +272,17 @@ class CheckpointWriter:
         if max_shard_bytes <= 0:
             raise CheckpointError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
         self.folder = Path(folder).absolute()
+        if self.folder.is_symlink():  # a model folder linked from another drive: replace what the link points to
+            self.folder = self.folder.resolve()
         _check_destination(self.folder, overwrite)
+        self.overwrite = overwrite
         self.dtype = None if dtype is None else parse_dtype(dtype)
         self.max_shard_bytes = max_shard_bytes
         self.folder.parent.mkdir(parents=True, exist_ok=True)
-        _remove_abandoned_writes(self.folder)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.partial-", dir=self.folder.parent))
+        remove_abandoned_writes(self.folder)
+        self.tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(self.folder), dir=self.folder.parent))
         self.tmp.chmod(0o755)  # mkdtemp makes it private; the final folder should read like any other
-        _write_json(self.tmp / OWNER_FILE, {"pid": os.getpid(), "host": socket.gethostname()})
+        self.lock = WriterLock(self.tmp)
         self.weight_map: dict[str, str] = {}
         self.files: dict[str, dict[str, Any]] = {}
         self.totals = {c: {"files": [], "num_tensors": 0, "num_elements": 0, "tensor_bytes": 0} for c in COMPONENTS}
@@ -320,6 +292,7 @@ class CheckpointWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.lock.release()
         if self.tmp.exists():
             shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -353,6 +326,7 @@ class CheckpointWriter:
         stored = _unshare_storage({k: _stored_tensor(k, t, self.dtype) for k, t in tensors.items()})
         metadata = {"format": "pt", "component": component}
         _write_durably(self.tmp / name, lambda tmp: save_file(stored, str(tmp), metadata=metadata))
+        (self.tmp / name).chmod(0o644)  # safetensors creates files readable by their owner only
         totals["files"].append(name)
         for key, tensor in stored.items():
             self.weight_map[key] = name
@@ -389,25 +363,41 @@ class CheckpointWriter:
             "weight_map": dict(sorted(self.weight_map.items())),
         }
         _write_json(self.tmp / INDEX_FILE, index)
-        (self.tmp / OWNER_FILE).unlink()
+        self.lock.release()
         _fsync_folder(self.tmp)
         self._move_into_place()
         return self.folder
 
     def _move_into_place(self) -> None:
-        old = None
-        if self.folder.exists():
-            # what the user added to the old folder (tokenizer/, notes, ...) moves into the new one
-            written = _written_files(self.folder)
-            for entry in self.folder.iterdir():
-                if entry.name not in written and not (self.tmp / entry.name).exists():
-                    os.replace(entry, self.tmp / entry.name)
-            old = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.old-", dir=self.folder.parent))
+        if not self.folder.exists():
+            os.replace(self.tmp, self.folder)
+            _fsync_folder(self.folder.parent)
+            return
+        if not self.overwrite and any(self.folder.iterdir()):  # another save finished there meanwhile
+            raise CheckpointError(
+                f"{self.folder} was written by another save while this one ran; choose a new folder or pass "
+                "--overwrite (overwrite=True)"
+            )
+        # what the user added to the old folder (tokenizer/, notes, ...) moves into the new one
+        written = _written_files(self.folder)
+        kept = [e.name for e in self.folder.iterdir() if e.name not in written and not (self.tmp / e.name).exists()]
+        moved: list[str] = []
+        old = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.old-", dir=self.folder.parent))
+        try:
+            for name in kept:
+                os.replace(self.folder / name, self.tmp / name)
+                moved.append(name)
             os.replace(self.folder, old / "model")
-        os.replace(self.tmp, self.folder)
-        _fsync_folder(self.folder.parent)
-        if old is not None:
+            os.replace(self.tmp, self.folder)
+        except BaseException:  # put the old folder and the user's files back before the partial one is deleted
+            if not self.folder.exists() and (old / "model").exists():
+                os.replace(old / "model", self.folder)
+            for name in moved:
+                os.replace(self.tmp / name, self.folder / name)
             shutil.rmtree(old, ignore_errors=True)
+            raise
+        _fsync_folder(self.folder.parent)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_pretrained(
@@ -445,18 +435,52 @@ _RECONVERT = "re-convert the official checkpoint (python -m comfy_mm_interleaved
 def read_config(folder: str | Path) -> tuple[MMInterleavedConfig, dict[str, Any]]:
     """``(config, checkpoint_format)`` from ``folder/config.json``."""
     path = Path(folder) / CONFIG_FILE
+    if Path(folder).is_file():
+        raise CheckpointError(f"{folder} is a file; give the model folder (the one holding {CONFIG_FILE})")
     if not Path(folder).is_dir():
         raise CheckpointError(f"model folder {folder} does not exist")
     if not path.is_file():
         raise CheckpointError(f"{folder} has no {CONFIG_FILE}, so it is not a converted model folder; {_RECONVERT}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err}); {_RECONVERT}") from None
+    data = _read_json_file(path)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a JSON object (a damaged config); {_RECONVERT}")
     fmt = data.pop(FORMAT_KEY, None)
     if not isinstance(fmt, dict) or fmt.get("name") != FORMAT_NAME:
         raise CheckpointError(f"{path} lacks the '{FORMAT_KEY}' entry of a {FORMAT_NAME} model folder; {_RECONVERT}")
-    return MMInterleavedConfig.from_dict(data), fmt
+    try:
+        return MMInterleavedConfig.from_dict(data), fmt
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{path}: {err}; fix the value or {_RECONVERT}") from None
+
+
+def _read_json_file(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}); {_RECONVERT}") from None
+
+
+def _is_file_name(name: object) -> bool:
+    """A plain file name inside the folder (no folder part, no ``..``)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
+def _index_problem(index: dict[str, Any]) -> str | None:
+    """What is malformed in an index's tables, or None."""
+    if not isinstance(index.get("format_version", 0), int):
+        return f"format_version is {index['format_version']!r}, not a number"
+    for name, entry in index["files"].items():
+        if not _is_file_name(name) or not isinstance(entry, dict):
+            return f"the files table has a bad entry {name!r}: {entry!r:.60}"
+        if not isinstance(entry.get("size_bytes", 0), int) or not isinstance(entry.get("sha256", ""), str | None):
+            return f"the files table's entry {name!r} has a bad size or hash: {entry!r:.100}"
+    for component, entry in index["components"].items():
+        files = entry.get("files") if isinstance(entry, dict) else None
+        if not isinstance(files, list) or not all(_is_file_name(f) for f in files):
+            return f"component {component!r} has no list of file names: {entry!r:.60}"
+    if not all(_is_file_name(f) for f in index["weight_map"].values()):
+        return "the weight map names a file outside the folder"
+    return None
 
 
 def read_index(folder: str | Path) -> dict[str, Any]:
@@ -464,15 +488,15 @@ def read_index(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / INDEX_FILE
     if not path.is_file():
         raise CheckpointError(f"{folder} has no {INDEX_FILE} (an interrupted save or conversion?); {_RECONVERT}")
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err}); {_RECONVERT}") from None
+    index = _read_json_file(path)
     if not isinstance(index, dict) or index.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path} is not a {FORMAT_NAME} index; {_RECONVERT}")
     for key in ("weight_map", "files", "components"):
         if not isinstance(index.get(key), dict):
             raise CheckpointError(f"{path} has no valid '{key}' table (a damaged index); {_RECONVERT}")
+    problem = _index_problem(index)
+    if problem:
+        raise CheckpointError(f"{path}: {problem} (a damaged index); {_RECONVERT}")
     if index.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has format version {index['format_version']}, newer than this library supports "

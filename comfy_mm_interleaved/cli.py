@@ -200,7 +200,7 @@ def _verify_arguments(parser: argparse.ArgumentParser) -> None:
 )
 def _verify(args: argparse.Namespace) -> int:
     from .checkpoint import human_bytes
-    from .verify import UNHASHED, FileCheck, verify_folder
+    from .verify import OK, UNHASHED, FileCheck, verify_folder
 
     def report(result: FileCheck) -> None:
         size = (args.model_dir / result.name).stat().st_size if (args.model_dir / result.name).is_file() else 0
@@ -208,9 +208,10 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"{result.status:<22}{result.name:<40}{human_bytes(size):>10}{detail}", flush=True)
 
     components = None if args.components is None else [c.strip() for c in args.components.split(",") if c.strip()]
-    results = verify_folder(args.model_dir, components, report=report)
+    results = verify_folder(args.model_dir, components, report=report, log=lambda line: print(line, flush=True))
     unhashed = sum(r.status == UNHASHED for r in results)
-    print(f"{args.model_dir}: {len(results)} weights files intact, tensors fit the config", end="")
+    intact = sum(r.status in (OK, UNHASHED) for r in results)
+    print(f"{args.model_dir}: {intact} weights files intact, tensors fit the config", end="")
     print(f" ({unhashed} without a recorded hash: re-save the folder to record them)" if unhashed else "")
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +21,32 @@ OFFICIAL_ENCODER_IMAGE_SIZE = 224
 OFFICIAL_POS_EMBED_GRID = 16
 
 
+def _fits(hint: Any, value: Any) -> bool:
+    """Whether a JSON value can stand for a field typed ``hint`` (JSON has no tuples, and 3 is a valid float)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(option, value) for option in typing.get_args(hint))
+    simple = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        type(None): lambda v: v is None,
+        list: lambda v: isinstance(v, list | tuple),
+        tuple: lambda v: isinstance(v, list | tuple),
+        dict: lambda v: isinstance(v, dict),
+    }
+    check = simple.get(origin or hint)
+    if check is not None:
+        return check(value)
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, dict | hint)
+    return True  # Any and other hints: not checked
+
+
 def _build(cls: type, data: dict[str, Any]) -> Any:
-    """Construct dataclass ``cls`` from a dict, recursing into nested dataclass fields; unknown keys are an error."""
+    """Construct dataclass ``cls`` from a dict, recursing into nested dataclass fields; unknown keys and values of
+    the wrong JSON type (a string for a size, ``null`` for a part) are an error that names the field."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
@@ -30,6 +55,9 @@ def _build(cls: type, data: dict[str, Any]) -> Any:
     kwargs = {}
     for key, value in data.items():
         hint = hints[key]
+        if not _fits(hint, value):
+            shown = getattr(hint, "__name__", str(hint))
+            raise ValueError(f"{cls.__name__}.{key} = {value!r:.60} is not a valid {shown}")
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
             value = _build(hint, value)
         kwargs[key] = value

@@ -10,11 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from comfy_mm_interleaved import checkpoint as checkpoint_module
 from comfy_mm_interleaved.checkpoint import (
     COMPONENTS,
     CONFIG_FILE,
     INDEX_FILE,
     CheckpointError,
+    CheckpointWriter,
     check_tensor_specs,
     component_of,
     from_pretrained,
@@ -226,6 +228,59 @@ def test_existing_destination(tmp_path, reference, tiny_config, saved):
     empty.mkdir()
     save_pretrained(reference, empty, config=tiny_config)
     assert read_index(empty)["metadata"]["num_tensors"] == len(reference)
+
+
+def test_overwrite_that_fails_at_the_swap_keeps_the_old_folder_and_the_users_files(
+    tmp_path, reference, tiny_config, saved, monkeypatch
+):
+    (saved / "tokenizer").mkdir()
+    (saved / "tokenizer" / "tokenizer.json").write_text("{}", encoding="utf-8")
+    before = {p.name: p.stat().st_size for p in saved.iterdir() if p.is_file()}
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if Path(dst).name == "model" and ".old-" in Path(dst).parent.name:
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint_module.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="No space left"):
+        save_pretrained(reference, saved, config=tiny_config, dtype="float16", overwrite=True)
+    monkeypatch.undo()
+    assert {p.name: p.stat().st_size for p in saved.iterdir() if p.is_file()} == before
+    assert (saved / "tokenizer" / "tokenizer.json").read_text(encoding="utf-8") == "{}"
+    assert sorted(p.name for p in saved.parent.iterdir()) == [saved.name]  # no partial or old folder left
+    assert read_index(saved)["dtype"] == "float32"
+
+
+def test_a_save_that_loses_the_race_for_a_new_folder_is_refused(tmp_path, reference, tiny_config):
+    first = CheckpointWriter(tmp_path / "model")
+    with CheckpointWriter(tmp_path / "model") as second:  # both started while the folder did not exist
+        second.add(reference)
+        second.commit(tiny_config)
+    with first, pytest.raises(CheckpointError, match="was written by another save while this one ran"):
+        first.add(reference)
+        first.commit(tiny_config)
+    assert read_index(tmp_path / "model")["metadata"]["num_tensors"] == len(reference)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_overwrite_through_a_symlink_replaces_what_it_points_to(tmp_path, reference, tiny_config):
+    store = tmp_path / "other_drive" / "model"
+    save_pretrained(reference, store, config=tiny_config)
+    (store / "tokenizer").mkdir()
+    link = tmp_path / "models" / "mm"
+    link.parent.mkdir()
+    link.symlink_to(store, target_is_directory=True)
+    save_pretrained(reference, link, config=tiny_config, dtype="bfloat16", overwrite=True)
+    assert link.is_symlink() and link.resolve() == store.resolve()
+    assert read_index(store)["dtype"] == "bfloat16" and (store / "tokenizer").is_dir()
+    assert sorted(p.name for p in store.parent.iterdir()) == ["model"]
+
+
+def test_weights_files_are_readable_by_everyone(saved):
+    for name in read_index(saved)["files"]:
+        assert (saved / name).stat().st_mode & 0o777 == 0o644, name
 
 
 def test_save_needs_a_config(tmp_path, reference):

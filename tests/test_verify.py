@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -13,10 +16,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from comfy_mm_interleaved import partial_writes, verify
 from comfy_mm_interleaved.checkpoint import (
     CONFIG_FILE,
     INDEX_FILE,
-    OWNER_FILE,
     CheckpointError,
     CheckpointWriter,
     file_sha256,
@@ -27,7 +30,8 @@ from comfy_mm_interleaved.checkpoint import (
 from comfy_mm_interleaved.cli import main
 from comfy_mm_interleaved.config import MMInterleavedConfig
 from comfy_mm_interleaved.inference.engine import EMBEDDED_MODEL_DIR
-from comfy_mm_interleaved.verify import OK, UNHASHED, verify_folder
+from comfy_mm_interleaved.partial_writes import OWNER_FILE
+from comfy_mm_interleaved.verify import NOT_LISTED, OK, UNHASHED, verify_folder
 from conftest import golden_dir
 
 
@@ -136,35 +140,141 @@ def test_the_embedded_model_is_intact():
     assert len(results) == len(read_index(EMBEDDED_MODEL_DIR)["files"]) and {r.status for r in results} == {OK}
 
 
-def _partial(parent: Path, name: str, suffix: str, pid: int | None) -> Path:
-    folder = parent / f".{name}.partial-{suffix}"
-    folder.mkdir()
-    (folder / "llm-00001.safetensors").write_bytes(b"half written")
-    if pid is not None:
-        (folder / OWNER_FILE).write_text(json.dumps({"pid": pid, "host": socket.gethostname()}), encoding="utf-8")
-    return folder
+HOLD_A_WRITER = """
+import sys, time
+from comfy_mm_interleaved.checkpoint import CheckpointWriter
+writer = CheckpointWriter(sys.argv[1])
+print(writer.tmp, flush=True)
+time.sleep(300)
+"""
+
+
+def _writer_process(destination: Path) -> tuple[subprocess.Popen, Path]:
+    """A real save into ``destination`` that stops half-way (its partial folder and lock exist) and waits."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLD_A_WRITER, str(destination)], stdout=subprocess.PIPE, text=True
+    )
+    return process, Path(process.stdout.readline().strip())
 
 
 def test_a_new_save_removes_what_a_killed_save_left(tmp_path, tiny_config):
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_pid = int(finished.stdout)
-    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    destination = tmp_path / "model"
+    killed, killed_partial = _writer_process(destination)
+    running, running_partial = _writer_process(destination)
     try:
-        dead = _partial(tmp_path, "model", "dead", dead_pid)
-        alive = _partial(tmp_path, "model", "alive", running.pid)
-        unknown = _partial(tmp_path, "model", "unknown", None)
-        other_name = _partial(tmp_path, "model2", "dead", dead_pid)
-        elsewhere = _partial(tmp_path, "model", "elsewhere", dead_pid)
-        (elsewhere / OWNER_FILE).write_text(json.dumps({"pid": dead_pid, "host": "another-machine"}), encoding="utf-8")
-        with CheckpointWriter(tmp_path / "model") as writer:
-            assert not dead.exists()
-            assert alive.exists() and unknown.exists() and other_name.exists() and elsewhere.exists()
-            owner = json.loads((writer.tmp / OWNER_FILE).read_text(encoding="utf-8"))
-            assert owner == {"pid": os.getpid(), "host": socket.gethostname()}
+        assert json.loads((killed_partial / OWNER_FILE).read_text(encoding="utf-8")) == {
+            "pid": killed.pid,
+            "host": socket.gethostname(),
+        }
+        killed.send_signal(signal.SIGKILL)  # no cleanup runs: the partial folder stays, its lock goes
+        killed.wait()
+        assert killed_partial.is_dir()
+        no_record = tmp_path / ".model.partial-norecord"
+        no_record.mkdir()
+        elsewhere = tmp_path / ".model.partial-elsewhere"
+        elsewhere.mkdir()
+        (elsewhere / OWNER_FILE).write_text(json.dumps({"pid": 1, "host": "another-machine"}), encoding="utf-8")
+        other_name = tmp_path / ".model2.partial-x"
+        shutil.copytree(killed_partial, other_name)
+        with CheckpointWriter(destination) as writer:
+            assert not killed_partial.exists()  # its process is gone
+            assert running_partial.is_dir()  # a save still running (it holds the lock), whatever its pid says
+            assert no_record.is_dir() and elsewhere.is_dir() and other_name.is_dir()
             reference = load_file(str(golden_dir() / "tiny_official_state_dict.safetensors"))
             writer.add({"soi_token": reference["soi_token"]})
             folder = writer.commit(tiny_config)
         assert not (folder / OWNER_FILE).exists() and not writer.tmp.exists()
+        assert sorted(p.name for p in folder.iterdir()) == ["config.json", "connector-00001.safetensors", INDEX_FILE]
     finally:
         running.kill()
         running.wait()
+
+
+def test_without_flock_nothing_is_removed(tmp_path, monkeypatch):
+    killed, partial = _writer_process(tmp_path / "model")
+    killed.kill()
+    killed.wait()
+    monkeypatch.setattr(partial_writes, "fcntl", None)  # as on Windows
+    partial_writes.remove_abandoned_writes(tmp_path / "model")
+    assert partial.is_dir()
+
+
+def test_a_hash_removed_from_the_index_and_a_stray_file(saved, capsys):
+    index = _index(saved)
+    victim = index["components"]["unet"]["files"][0]
+    index["files"][victim]["sha256"] = None
+    (saved / INDEX_FILE).write_text(json.dumps(index), encoding="utf-8")
+    with pytest.raises(CheckpointError, match=rf"{victim} \(hash missing\)"):
+        verify_folder(saved)
+    del index["files"][victim]["sha256"]
+    (saved / INDEX_FILE).write_text(json.dumps(index), encoding="utf-8")
+    with pytest.raises(CheckpointError, match=rf"{victim} \(hash missing\)"):
+        verify_folder(saved)
+    index["files"][victim]["sha256"] = file_sha256(saved / victim)
+    (saved / INDEX_FILE).write_text(json.dumps(index), encoding="utf-8")
+    shutil.copy(saved / victim, saved / "llm-00099.safetensors")  # never loaded: reported, not an error
+    results = verify_folder(saved)
+    assert results[-1].name == "llm-00099.safetensors" and results[-1].status == NOT_LISTED
+    assert main(["verify", str(saved)]) == 0
+    out = capsys.readouterr().out
+    assert "not in the index" in out and f"{len(index['files'])} weights files intact" in out
+    assert out.splitlines()[0] == f"checking {len(index['files'])} weights files of {saved}"
+
+
+def test_an_unreadable_file_is_reported_and_the_others_still_checked(saved, monkeypatch):
+    names = [n for c in _index(saved)["components"].values() for n in c["files"]]
+    locked = {names[1], names[-1]}
+
+    def hash_or_deny(path, *args):
+        if Path(path).name in locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return file_sha256(path, *args)
+
+    monkeypatch.setattr(verify, "file_sha256", hash_or_deny)
+    seen = []
+    with pytest.raises(CheckpointError, match=r"2 of \d+ weights files .* \(unreadable\)"):
+        verify_folder(saved, report=seen.append)
+    assert len(seen) == len(names) and {r.name for r in seen if r.status == "unreadable"} == locked
+    assert "Permission denied" in next(r.detail for r in seen if r.name in locked)
+
+
+def test_damaged_tables_and_configs_are_named(saved, tmp_path):
+    good_index, good_config = _index(saved), (saved / CONFIG_FILE).read_text(encoding="utf-8")
+    first = next(iter(good_index["files"]))
+    damages = {
+        "a files entry": lambda i: i["files"].update({first: 5}),
+        "a hash": lambda i: i["files"][first].update(sha256=12345),
+        "a size": lambda i: i["files"][first].update(size_bytes="204042"),
+        "a component": lambda i: i["components"].update(llm=[]),
+        "a file list": lambda i: i["components"]["llm"].update(files="llm-00001.safetensors"),
+        "a path": lambda i: i["components"]["llm"]["files"].append("../elsewhere.safetensors"),
+        "the version": lambda i: i.update(format_version="2"),
+    }
+    for what, damage in damages.items():
+        index = json.loads(json.dumps(good_index))
+        damage(index)
+        (saved / INDEX_FILE).write_text(json.dumps(index), encoding="utf-8")
+        with pytest.raises(CheckpointError, match=r"weights_index.json: .*\(a damaged index\)"):
+            verify_folder(saved)
+        assert main(["verify", str(saved)]) == 1, what
+    (saved / INDEX_FILE).write_text(json.dumps(good_index), encoding="utf-8")
+    config = json.loads(good_config)
+    for value, message in (
+        ([1], "is not a JSON object"),
+        (
+            {**config, "llm": {**config["llm"], "hidden_size": "big"}},
+            "LLMConfig.hidden_size = 'big' is not a valid int",
+        ),
+        ({**config, "llm": None}, "MMInterleavedConfig.llm = None is not a valid LLMConfig"),
+    ):
+        (saved / CONFIG_FILE).write_text(json.dumps(value), encoding="utf-8")
+        with pytest.raises(CheckpointError, match=rf"config.json.*{re.escape(message)}"):
+            verify_folder(saved)
+    (saved / CONFIG_FILE).write_bytes(b"\xff\xfe{}")
+    with pytest.raises(CheckpointError, match=r"config.json is not valid JSON"):
+        verify_folder(saved)
+    with pytest.raises(CheckpointError, match="is a file; give the model folder"):
+        verify_folder(saved / INDEX_FILE)
+    (saved / CONFIG_FILE).write_text(good_config, encoding="utf-8")
+    with pytest.raises(CheckpointError, match="no component named"):
+        verify_folder(saved, [])
