@@ -183,6 +183,9 @@ def _info(args: argparse.Namespace) -> int:
         )
     total_elements = sum(_numel(shape) for shape, _ in specs.values())
     print(f"{'total':<18}{len(specs):>9}{total_elements:>15,}{len(on_disk):>7}{human_bytes(total_disk):>13}")
+    hashed = sum(isinstance(entry.get("sha256"), str) for entry in index["files"].values())
+    print(f"SHA-256 recorded for {hashed} of {len(index['files'])} files", end="")
+    print(f"; check them with: verify {args.model_dir}" if hashed else " (re-save the folder to record them)")
     return 0
 
 

@@ -43,6 +43,11 @@ def test_convert_then_info(tmp_path):
     disk = sum(p.stat().st_size for p in destination.glob("*.safetensors"))
     assert total.split()[1:3] == [str(len(reference)), f"{sum(t.numel() for t in reference.values()):,}"]
     assert human_bytes(disk) in total
+    files = len(read_index(destination)["files"])
+    assert lines[-1] == f"SHA-256 recorded for {files} of {files} files; check them with: verify {destination}"
+    verified = _run("verify", destination)
+    assert verified.returncode == 0, verified.stderr
+    assert verified.stdout.splitlines()[-1] == f"{destination}: {files} weights files intact, tensors fit the config"
 
 
 def test_bad_paths_give_one_clear_line(tmp_path):
