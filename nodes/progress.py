@@ -1,4 +1,5 @@
-"""Bridge from the engine's progress callback to ComfyUI: a progress bar step and an interrupt check per event."""
+"""Bridge from the engine's progress callback to ComfyUI: a progress bar step and an interrupt check per event, and
+a live preview of the image being drawn when ComfyUI shows sampler previews."""
 
 from __future__ import annotations
 
@@ -6,6 +7,16 @@ from typing import Any
 
 import comfy.model_management
 import comfy.utils
+from comfy.cli_args import LatentPreviewMethod, args
+
+from comfy_mm_interleaved.inference.progress import PreviewThrottle
+
+PREVIEW_INTERVAL_S = 0.25  # at most four previews a second (and always the last step's)
+
+
+def previews_enabled() -> bool:
+    """Whether ComfyUI runs with sampler previews (``--preview-method`` other than ``none``)."""
+    return args.preview_method != LatentPreviewMethod.NoPreviews
 
 
 class ComfyProgress:
@@ -13,16 +24,23 @@ class ComfyProgress:
 
     Every event (one generated token or one diffusion step) first honours ComfyUI's interrupt flag: the
     ``InterruptProcessingException`` raised here unwinds the engine, so an interrupt takes effect within one step.
-    Then the running node's bar shows ``step / total`` of the current phase (text tokens or denoising steps).
+    Then the running node's bar shows ``step / total`` of the current phase (text tokens or denoising steps). With
+    previews on, diffusion steps also send a picture of the image so far, as ComfyUI's own samplers do (the
+    engine's cheap latent-to-RGB map where it is faithful to the model's VAE, else a VAE decode), at most every
+    ``PREVIEW_INTERVAL_S`` seconds and always at the last step.
     """
 
     def __init__(self) -> None:
         self.bar: comfy.utils.ProgressBar | None = None
         self.events = 0
+        self.previews = PreviewThrottle(PREVIEW_INTERVAL_S)
 
     def __call__(self, event: Any) -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
         if self.bar is None:
             self.bar = comfy.utils.ProgressBar(event.total)
-        self.bar.update_absolute(event.step, event.total)
+        preview = None
+        if previews_enabled() and self.previews.wants(event):
+            preview = ("JPEG", event.preview(), args.preview_size)
+        self.bar.update_absolute(event.step, event.total, preview)
         self.events += 1

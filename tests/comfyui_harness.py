@@ -133,6 +133,7 @@ class EventListener:
     def __init__(self, url: str) -> None:
         self.url = url
         self.events: list[dict[str, Any]] = []
+        self.binary: list[bytes] = []  # binary frames (sampler previews), in arrival order
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._stop = threading.Event()
@@ -154,8 +155,15 @@ class EventListener:
                 if message.type == aiohttp.WSMsgType.TEXT:
                     with self._lock:
                         self.events.append(json.loads(message.data))
+                elif message.type == aiohttp.WSMsgType.BINARY:
+                    with self._lock:
+                        self.binary.append(bytes(message.data))
                 elif message.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
                     return
+
+    def binary_frames(self) -> list[bytes]:
+        with self._lock:
+            return list(self.binary)
 
     def of_prompt(self, prompt_id: str) -> list[dict[str, Any]]:
         """Events whose data names ``prompt_id`` (progress, executing, executed, errors ...), in arrival order."""
@@ -240,6 +248,8 @@ class ComfyUIServer:
             PACK_NAME,
             "--dont-print-server",
             "--log-stdout",
+            "--preview-method",  # as many users run it: image steps send previews (tested, and exercised throughout)
+            "auto",
         ]
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(

@@ -18,9 +18,11 @@ import html
 import io
 import json
 import re
+import struct
 import time
 from itertools import product
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -255,6 +257,26 @@ def test_progress_events_arrive_for_every_diffusion_step(server) -> None:
     assert (
         "execution_start" in kinds and "executed" in kinds and kinds.index("execution_start") < kinds.index("progress")
     )
+
+
+def test_image_steps_send_previews_of_the_image_being_drawn(server) -> None:
+    """The server runs with ``--preview-method auto``: diffusion steps send JPEGs (binary event 1, image type 1), as
+    ComfyUI's own samplers do, at most four a second and always at the last step, which shows the image the node
+    then outputs."""
+    prompt = api_workflow("text_to_image")
+    prompt["3"]["inputs"].update(seed=11, steps=6)
+    before = len(server.listener.binary_frames())
+    _, entry = run_ok(server, prompt)
+    frames = server.listener.binary_frames()[before:]
+    assert 1 <= len(frames) <= 6
+    assert all(struct.unpack(">II", frame[:8]) == (1, 1) for frame in frames)
+    previews = [Image.open(io.BytesIO(frame[8:])) for frame in frames]
+    side = image_size(server)
+    assert all(p.format == "JPEG" and p.size == (512, 512) for p in previews)  # ComfyUI fits them to --preview-size
+    (drawn,) = [i for node in outputs_of(entry).values() for i in node.get("images", [])][:1]
+    final = np.asarray(Image.open(io.BytesIO(server.output_file(drawn))).convert("RGB"), dtype=np.float64)
+    last = np.asarray(previews[-1].convert("RGB").resize((side, side), Image.BILINEAR), dtype=np.float64)
+    assert np.abs(last - final).mean() < 0.05 * 255  # JPEG and the last step's clean-latent estimate
 
 
 def test_interrupt_stops_a_long_generation_and_the_next_prompt_succeeds(server) -> None:

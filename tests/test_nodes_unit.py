@@ -334,6 +334,35 @@ def test_generate_image_outputs_comfy_images_and_extends_the_context(comfyui, mo
     assert [v for v, t in progress_events if t == 3] == [1, 2, 3]
 
 
+def test_image_steps_send_previews_when_comfyui_shows_them(comfyui, model, monkeypatch) -> None:
+    import comfy.cli_args
+
+    received: list[tuple[int, int, object]] = []
+    comfyui.utils.set_progress_bar_global_hook(
+        lambda value, total, preview, **_: received.append((value, total, preview))
+    )
+    inputs = {"model": model, "context": Interleaved(["it turns blue."]), "steps": 4, "guidance": 2.0}
+    inputs |= {"scheduler": "ddim", "seed": 3, "count": 1}
+    try:
+        run(comfyui.nodes["MMI_GenerateImage"], **inputs)  # ComfyUI's default: --preview-method none
+        assert [p for v, t, p in received if t == 4] == [None] * 4
+        received.clear()
+        monkeypatch.setattr(comfy.cli_args.args, "preview_method", comfy.cli_args.LatentPreviewMethod.Auto)
+        monkeypatch.setattr(comfyui.module("progress"), "PREVIEW_INTERVAL_S", 0.0)  # every step
+        images, _ = run(comfyui.nodes["MMI_GenerateImage"], **inputs)
+        previews = [p for v, t, p in received if t == 4]
+        received.clear()
+        monkeypatch.setattr(comfyui.module("progress"), "PREVIEW_INTERVAL_S", 1e9)  # the first and the last only
+        inputs["seed"] = 4  # not the cached result
+        run(comfyui.nodes["MMI_GenerateImage"], **inputs)
+        assert [v for v, t, p in received if t == 4 and p is not None] == [1, 4]
+    finally:
+        comfyui.utils.set_progress_bar_global_hook(None)
+    assert len(previews) == 4 and all(p[0] == "JPEG" and p[2] == comfy.cli_args.args.preview_size for p in previews)
+    last = np.asarray(previews[-1][1]).astype(np.float64) / 255
+    assert last.shape == tuple(images.shape[1:]) and np.abs(last - images[0].numpy()).mean() < 0.05
+
+
 def run_interleaved(comfyui, model, doc: Interleaved, max_segments: int, steps: int, widgets: dict) -> tuple:
     """*Generate interleaved (auto)* with an image asked for after every text, no guidance, seed 1: (images, text,
     context)."""

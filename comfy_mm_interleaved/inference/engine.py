@@ -44,7 +44,9 @@ from transformers import DynamicCache
 from .. import checkpoint
 from ..config import MMInterleavedConfig
 from ..models.ablation import mmfs_ablation, mmfs_state, mmfs_switches
+from ..models.diffusion import DiffusionStep
 from ..models.image_decoder import ImageDecoder
+from ..models.latent_preview import LatentToRGB, to_preview_image
 from ..models.llm import MMFSInputs, flatten_levels, slot_spatial_layout
 from ..models.masks import image_layout, llm_visibility
 from ..models.visual_tokenizer import VisualTokenizerOutput, preprocess_images
@@ -57,6 +59,7 @@ from .sampling import TokenRules, decode
 from .tokens import DocumentTokens, document_tokens
 
 MODES = ("text", "image", "auto")  # of InterleavedEngine.generate
+LINEAR_PREVIEW_MAX_ERROR = 0.05  # a sampling preview's latent-to-RGB map is used up to this colour error (0 to 1)
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parents[1] / "embedded"
 TOKENIZER_FOLDER = "tokenizer"
 ENCODE_BATCH = 8  # images per visual-tokenizer call
@@ -229,6 +232,7 @@ class InterleavedEngine:
         self._context: _Context | None = None
         self._empty_values: dict[int, torch.Tensor] | None = None
         self._mmfs_switches = mmfs_switches(model)
+        self._latent_to_rgb: LatentToRGB | None = None  # fitted on the first preview asked for
 
     @classmethod
     def from_pretrained(
@@ -716,8 +720,21 @@ class InterleavedEngine:
             generator=generator,
             init_latents=None if noise is None else noise.init_latents.to(device),
             variance_noises=None if noise is None else noise.variance_noises,
-            callback=lambda step: report(progress, "image", step.index + 1, steps),
+            callback=lambda step: report(progress, "image", step.index + 1, steps, lambda: self._preview(step)),
         )
+
+    def _preview(self, step: DiffusionStep) -> Image.Image:
+        """A picture of the first image of a sampling step, from the scheduler's clean-latent estimate (else the
+        step's latents): through a latent-to-RGB map fitted once to this model's VAE when that map is faithful
+        (colour error at most ``LINEAR_PREVIEW_MAX_ERROR``, as for SD's VAE), else through the VAE's decoder."""
+        decoder = self.model.image_decoder.decoder
+        size = self.model.image_decoder.config.image_size
+        if self._latent_to_rgb is None:  # called inside the image phase: the VAE is where it computes
+            self._latent_to_rgb = LatentToRGB.fit(decoder, size)
+        latents = step.denoised if step.denoised is not None else step.latents_out
+        if self._latent_to_rgb.error <= LINEAR_PREVIEW_MAX_ERROR:
+            return self._latent_to_rgb.image(latents, size)
+        return to_preview_image(decoder.decode(latents[:1])[0].permute(1, 2, 0))
 
     # ------------------------------------------------------------------------------------------------------
     # the interleaved loop

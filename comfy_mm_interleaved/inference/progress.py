@@ -11,9 +11,13 @@ drops its reusable state that the interruption may have left half-updated, so th
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from PIL import Image
 
 PHASES = ("encode", "text", "image")
 
@@ -22,12 +26,15 @@ PHASES = ("encode", "text", "image")
 class ProgressEvent:
     """``step`` of ``total`` (1-based) of a ``phase``: encode (images), text (tokens) or image (diffusion steps).
 
-    ``total`` of a text phase is the token budget: generation may stop earlier, at an end token.
+    ``total`` of a text phase is the token budget: generation may stop earlier, at an end token. ``preview`` (image
+    steps): call it for a rough RGB picture of the image being drawn (the first of a batch); nothing is computed
+    unless it is called.
     """
 
     phase: str
     step: int
     total: int
+    preview: Callable[[], Image.Image] | None = field(default=None, compare=False, repr=False)
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
@@ -59,7 +66,32 @@ class CancelFlag:
             self._forward(event)
 
 
-def report(progress: ProgressCallback | None, phase: str, step: int, total: int) -> None:
+class PreviewThrottle:
+    """Which image steps get their (costly) preview computed: at most one every ``min_interval_s`` seconds, and
+    always the last step of an image, so a preview shows at a human pace whatever a step costs."""
+
+    def __init__(self, min_interval_s: float = 0.25, clock: Callable[[], float] = time.monotonic) -> None:
+        self.min_interval_s = min_interval_s
+        self.clock = clock
+        self.last = -math.inf
+
+    def wants(self, event: ProgressEvent) -> bool:
+        if event.preview is None:
+            return False
+        now = self.clock()
+        if event.step == event.total or now - self.last >= self.min_interval_s:
+            self.last = now
+            return True
+        return False
+
+
+def report(
+    progress: ProgressCallback | None,
+    phase: str,
+    step: int,
+    total: int,
+    preview: Callable[[], Image.Image] | None = None,
+) -> None:
     """Call the hook (if any) with one event."""
     if progress is not None:
-        progress(ProgressEvent(phase, step, total))
+        progress(ProgressEvent(phase, step, total, preview))

@@ -151,7 +151,9 @@ class DiffusionDraws:
 class DiffusionStep:
     """What one sampling step did, passed to the per-step callback (raise from it to cancel sampling).
 
-    noise_pred_uncond is None without classifier-free guidance; noise_pred is the guided prediction.
+    noise_pred_uncond is None without classifier-free guidance; noise_pred is the guided prediction. denoised is
+    the scheduler's estimate of the clean latents (``pred_original_sample``; None for schedulers that do not give
+    one, e.g. DPM-Solver++).
     """
 
     index: int
@@ -162,6 +164,7 @@ class DiffusionStep:
     noise_pred_cond: torch.Tensor
     noise_pred: torch.Tensor
     latents_out: torch.Tensor
+    denoised: torch.Tensor | None = None
 
 
 StepCallback = Callable[[DiffusionStep], None]

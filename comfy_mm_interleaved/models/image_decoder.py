@@ -297,8 +297,10 @@ class ImageDecoder(nn.Module):
                 kwargs["generator"] = generator
             if variance_noises is not None:
                 kwargs["variance_noise"] = variance_noises[i].to(device, dtype)
-            new_latents = sched.step(guided, t, latents, **kwargs, return_dict=False)[0]
+            out = sched.step(guided, t, latents, **kwargs, return_dict=False)
+            new_latents, denoised = out[0], (out[1] if len(out) > 1 else None)
             if callback is not None:
-                callback(DiffusionStep(i, num_inference_steps, int(t), latents, uncond, cond, guided, new_latents))
+                predictions = (uncond, cond, guided)
+                callback(DiffusionStep(i, num_inference_steps, int(t), latents, *predictions, new_latents, denoised))
             latents = new_latents
         return decoder.decode(latents)
