@@ -349,16 +349,22 @@ def test_image_steps_send_previews_when_comfyui_shows_them(comfyui, model, monke
         received.clear()
         monkeypatch.setattr(comfy.cli_args.args, "preview_method", comfy.cli_args.LatentPreviewMethod.Auto)
         monkeypatch.setattr(comfyui.module("progress"), "PREVIEW_INTERVAL_S", 0.0)  # every step
+        monkeypatch.setattr(comfyui.module("progress"), "PREVIEW_COST_FACTOR", 0.0)
         images, _ = run(comfyui.nodes["MMI_GenerateImage"], **inputs)
         previews = [p for v, t, p in received if t == 4]
+        assert len(previews) == 4 and all(p[0] == "JPEG" and p[2] == comfy.cli_args.args.preview_size for p in previews)
         received.clear()
         monkeypatch.setattr(comfyui.module("progress"), "PREVIEW_INTERVAL_S", 1e9)  # the first and the last only
         inputs["seed"] = 4  # not the cached result
         run(comfyui.nodes["MMI_GenerateImage"], **inputs)
         assert [v for v, t, p in received if t == 4 and p is not None] == [1, 4]
+        received.clear()
+        monkeypatch.setattr(comfy.cli_args.args, "preview_size", 0)  # ComfyUI's server fails on a 0-pixel preview
+        inputs["seed"] = 5
+        run(comfyui.nodes["MMI_GenerateImage"], **inputs)
+        assert [p[2] for v, t, p in received if t == 4 and p is not None] == [None, None]
     finally:
         comfyui.utils.set_progress_bar_global_hook(None)
-    assert len(previews) == 4 and all(p[0] == "JPEG" and p[2] == comfy.cli_args.args.preview_size for p in previews)
     last = np.asarray(previews[-1][1]).astype(np.float64) / 255
     assert last.shape == tuple(images.shape[1:]) and np.abs(last - images[0].numpy()).mean() < 0.05
 

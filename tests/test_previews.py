@@ -69,12 +69,56 @@ def test_engine_previews_follow_the_sampler_and_end_at_the_drawn_image() -> None
     assert torch.equal(again.tensors, result.tensors)
 
 
-def test_the_throttle_lets_a_preview_through_per_interval_and_always_the_last_step() -> None:
+def test_the_throttle_bounds_what_previews_cost() -> None:
     now = [0.0]
-    throttle = PreviewThrottle(0.25, clock=lambda: now[0])
-    wanted = []
-    for step in range(1, 11):  # a step every 0.1 s
-        now[0] = step * 0.1
-        wanted.append(throttle.wants(ProgressEvent("image", step, 10, preview=lambda: None)))
-    assert [s for s, w in zip(range(1, 11), wanted) if w] == [1, 4, 7, 10]
+
+    def steps(throttle: PreviewThrottle, preview_seconds: float, total: int = 10) -> list[int]:
+        """Steps of 0.1 s each; a preview moves the clock by ``preview_seconds``; which steps got one."""
+
+        def preview() -> str:
+            now[0] += preview_seconds
+            return "picture"
+
+        taken = []
+        for step in range(1, total + 1):
+            now[0] += 0.1
+            if throttle.take(ProgressEvent("image", step, total, preview=preview)) == "picture":
+                taken.append(step)
+        return taken
+
+    assert steps(PreviewThrottle(0.25, clock=lambda: now[0]), 0.0) == [1, 4, 7, 10]  # four a second, and the last
+    # slow previews (a big VAE's decode): at least ten times their cost apart, and no forced last one
+    assert steps(PreviewThrottle(0.25, clock=lambda: now[0]), 0.3, total=40) == [1, 31]
     assert not PreviewThrottle(0.0).wants(ProgressEvent("text", 1, 5))  # no preview to give
+
+
+def test_a_failing_preview_switches_previews_off_and_generation_goes_on(caplog) -> None:
+    engine = InterleavedEngine.from_pretrained()
+    throttle = PreviewThrottle(0.0)
+    calls = []
+
+    def broken() -> None:
+        calls.append(1)
+        raise RuntimeError("out of memory in the VAE")
+
+    def hook(event) -> None:
+        if event.phase == "image":
+            throttle.take(ProgressEvent(event.phase, event.step, event.total, preview=broken))
+
+    options = ImageOptions(num_inference_steps=4, seed=2)
+    drawn = engine.generate_images(Interleaved(["a small red circle at top left."]), options, progress=hook)
+    assert calls == [1] and throttle.failed  # tried once, then off
+    assert "previews switched off for this generation" in caplog.text and "out of memory" in caplog.text
+    plain = engine.generate_images(Interleaved(["a small red circle at top left."]), options)
+    assert torch.equal(drawn.tensors, plain.tensors)
+
+
+def test_a_diverged_sample_previews_black() -> None:
+    from comfy_mm_interleaved.models.latent_preview import to_preview_image
+
+    colours = torch.full((4, 4, 3), float("nan"))
+    colours[0, 0] = torch.tensor([1.0, 0.5, 0.0])
+    picture = to_preview_image(colours, size=8)
+    assert (
+        picture.size == (8, 8) and picture.getpixel((0, 0)) == (255, 128, 0) and picture.getpixel((7, 7)) == (0, 0, 0)
+    )

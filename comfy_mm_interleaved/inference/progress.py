@@ -11,6 +11,7 @@ drops its reusable state that the interruption may have left half-updated, so th
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -18,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from PIL import Image
+
+log = logging.getLogger(__name__)
 
 PHASES = ("encode", "text", "image")
 
@@ -67,22 +70,42 @@ class CancelFlag:
 
 
 class PreviewThrottle:
-    """Which image steps get their (costly) preview computed: at most one every ``min_interval_s`` seconds, and
-    always the last step of an image, so a preview shows at a human pace whatever a step costs."""
+    """Which image steps get their preview computed, so previews cost a bounded share of the time whatever one
+    costs: a preview at most every ``min_interval_s`` seconds and at least ``cost_factor`` times its own cost apart
+    (counted from when the last one finished), plus the last step of an image while previews are cheap. A preview
+    that raises is logged once and previews stop; the generation goes on."""
 
-    def __init__(self, min_interval_s: float = 0.25, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, min_interval_s: float = 0.25, cost_factor: float = 10.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.min_interval_s = min_interval_s
+        self.cost_factor = cost_factor
         self.clock = clock
-        self.last = -math.inf
+        self.last = -math.inf  # when the last preview finished
+        self.cost = 0.0  # what it took
+        self.failed = False
 
     def wants(self, event: ProgressEvent) -> bool:
-        if event.preview is None:
+        if event.preview is None or self.failed:
             return False
-        now = self.clock()
-        if event.step == event.total or now - self.last >= self.min_interval_s:
-            self.last = now
+        if event.step == event.total and self.cost <= self.min_interval_s:
             return True
-        return False
+        return self.clock() - self.last >= max(self.min_interval_s, self.cost * self.cost_factor)
+
+    def take(self, event: ProgressEvent) -> Image.Image | None:
+        """The event's preview if it is wanted now, else None."""
+        if not self.wants(event):
+            return None
+        started = self.clock()
+        try:
+            image = event.preview()
+        except Exception as err:  # a preview is optional: never lose the image for it
+            self.failed = True
+            log.warning("previews switched off for this generation: computing one failed (%s)", err)
+            return None
+        self.last = self.clock()
+        self.cost = self.last - started
+        return image
 
 
 def report(

@@ -82,7 +82,8 @@ class LatentToRGB:
 
 def to_preview_image(colours: torch.Tensor, size: int | None = None) -> Image.Image:
     """[h, w, 3] in [0, 1] -> PIL image, enlarged (nearest) by a whole factor to about ``size`` pixels."""
-    image = Image.fromarray((colours.float().cpu().numpy() * 255 + 0.5).astype(np.uint8))
+    colours = torch.nan_to_num(colours.float().cpu(), nan=0.0).clamp(0, 1)  # a diverged sample shows black
+    image = Image.fromarray((colours.numpy() * 255 + 0.5).astype(np.uint8))
     if size is not None and max(image.size) < size:
         factor = max(1, size // max(image.size))
         image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
