@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -345,3 +346,14 @@ def test_13b_memory_estimate_from_the_meta_build() -> None:
     assert estimate["component_bytes"] == expected
     assert estimate["peak_bytes"]["sequential"] <= budget < estimate["peak_bytes"]["model"]
     assert 0 < estimate["sequential_resident_layers"] < estimate["llm_layers"]
+
+
+def test_a_diverged_sampler_is_named_with_what_to_change() -> None:
+    """euler_ancestral at 3 steps diverges on the embedded model's schedule (its largest noise level is about 2e4:
+    a rounding in the ancestral step's square root gives NaN); the error says so instead of a bare NaN message."""
+    engine = InterleavedEngine.from_pretrained()
+    options = ImageOptions(num_inference_steps=3, scheduler="euler_ancestral", seed=1)
+    with pytest.raises(ValueError, match=r"the sampler diverged: .*\(euler_ancestral, 3 steps, torch.float32\); try"):
+        engine.generate_images(Interleaved(["a small red circle at top left."]), options)
+    drawn = engine.generate_images(Interleaved(["a small red circle at top left."]), replace(options, scheduler="ddpm"))
+    assert torch.isfinite(drawn.tensors).all()  # the engine is still usable

@@ -666,6 +666,12 @@ class InterleavedEngine:
             condition = self._image_condition(context, encoded)
         with self._phase("image"):
             images = self._sample(condition, options, progress, noise)
+        if not torch.isfinite(images).all():
+            raise ValueError(
+                f"the sampler diverged: the drawn image has NaN or infinite values ({options.scheduler}, "
+                f"{options.num_inference_steps} steps, {images.dtype}); try another scheduler or step count, or "
+                "float32 on a CPU"
+            )
         self.stats.images_generated += len(images)
         pil = tensor_to_images(images.permute(0, 2, 3, 1), "generated image")
         return ImageResult(pil, base.append_image(pil[0]), images.float().cpu())
