@@ -21,22 +21,25 @@ OFFICIAL_ENCODER_IMAGE_SIZE = 224
 OFFICIAL_POS_EMBED_GRID = 16
 
 
+# JSON values a field of each plain type accepts (JSON has no tuples, and 3 is a valid float)
+_JSON_CHECKS: dict[Any, Any] = {
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+    type(None): lambda v: v is None,
+    list: lambda v: isinstance(v, list | tuple),
+    tuple: lambda v: isinstance(v, list | tuple),
+    dict: lambda v: isinstance(v, dict),
+}
+
+
 def _fits(hint: Any, value: Any) -> bool:
-    """Whether a JSON value can stand for a field typed ``hint`` (JSON has no tuples, and 3 is a valid float)."""
+    """Whether a JSON value can stand for a field typed ``hint``."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         return any(_fits(option, value) for option in typing.get_args(hint))
-    simple = {
-        bool: lambda v: isinstance(v, bool),
-        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-        float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-        str: lambda v: isinstance(v, str),
-        type(None): lambda v: v is None,
-        list: lambda v: isinstance(v, list | tuple),
-        tuple: lambda v: isinstance(v, list | tuple),
-        dict: lambda v: isinstance(v, dict),
-    }
-    check = simple.get(origin or hint)
+    check = _JSON_CHECKS.get(origin or hint)
     if check is not None:
         return check(value)
     if dataclasses.is_dataclass(hint):

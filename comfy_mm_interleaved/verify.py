@@ -8,7 +8,7 @@ tensor read instead, which finds truncated or garbled files but not changed valu
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,17 +96,20 @@ def verify_folder(
     hash_required = any(isinstance(entry.get("sha256"), str) for entry in index["files"].values())
     if log is not None:
         log(f"checking {len(names)} weights files of {folder}")
+
+    def checks() -> Iterator[FileCheck]:
+        for name in names:
+            yield check_file(folder, name, index, hash_required)
+        if components is None:  # weights files the index does not list: reported only
+            for path in sorted(folder.glob("*.safetensors")):
+                if path.name not in index["files"]:
+                    yield FileCheck(path.name, NOT_LISTED, "ignored when loading")
+
     results = []
-    for name in names:
-        results.append(check_file(folder, name, index, hash_required))
+    for result in checks():
+        results.append(result)
         if report is not None:
-            report(results[-1])
-    if components is None:
-        stray = sorted(p.name for p in folder.glob("*.safetensors") if p.name not in index["files"])
-        for name in stray:
-            results.append(FileCheck(name, NOT_LISTED, "ignored when loading"))
-            if report is not None:
-                report(results[-1])
+            report(result)
     bad = [r for r in results if not r.ok]
     if bad:
         listed = format_list([f"{r.name} ({r.status})" for r in bad], 8)
@@ -116,7 +119,7 @@ def verify_folder(
         )
     if log is not None:
         log("checking the tensors against the config")
-    expected = {key: spec for key, spec in expected_tensor_specs(config).items() if component_of(key) in set(chosen)}
+    expected = {key: spec for key, spec in expected_tensor_specs(config).items() if component_of(key) in chosen}
     fix = "re-convert the official checkpoint with the matching --config"
     check_tensors(read_tensor_specs(folder, chosen), expected, str(folder), fix)
     return results

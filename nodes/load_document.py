@@ -60,14 +60,12 @@ def document_choices() -> list[str]:
 
 
 def document_folder(choice: str) -> tuple[str, Path]:
-    """``(file name, folder)`` of a choice: the output folder for ``[output]``, else the input folder."""
-    if choice.endswith(OUTPUT_TAG):
-        return choice.removesuffix(OUTPUT_TAG), Path(folder_paths.get_output_directory())
-    if choice.endswith(" [input]"):
-        choice = choice.removesuffix(" [input]")
-    elif choice.rstrip().endswith("]") and "[" in choice:
+    """``(file name, folder)`` of a choice, by ComfyUI's own annotations: the output folder for ``[output]``, else
+    the input folder (``[temp]`` is refused)."""
+    name, folder = folder_paths.annotated_filepath(choice)
+    if folder is not None and Path(folder).resolve() == Path(folder_paths.get_temp_directory()).resolve():
         raise ValueError(f"document {choice!r}: only input-folder files and '[output]' documents can be loaded")
-    return choice, Path(folder_paths.get_input_directory())
+    return name, Path(folder or folder_paths.get_input_directory())
 
 
 def resolve_document(choice: str | None) -> Path:
